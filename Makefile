@@ -1,0 +1,29 @@
+# Two commands set up a fresh machine and run the suite (Python 3.11+ and make needed):
+#   make bench   the perf suite on the default dataset with every local engine -> comparison table
+#   make test    the correctness suite (in parallel), then a one-round smoke run of the perf suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+ENGINES ?=                 # e.g. ENGINES="--engine dask"; default: every engine usable here
+DATASET ?= phantom-small
+WORKERS ?= $(shell nproc)
+PYTEST_ARGS ?=
+
+.PHONY: bench test clean
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q ".[all]"
+	touch $@
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m pytest -m perf $(ENGINES) --dataset $(DATASET) --workers $(WORKERS) \
+	  --benchmark-autosave --benchmark-columns=median,min,max,rounds \
+	  --benchmark-sort=name $(PYTEST_ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not perf" -n 2 $(ENGINES) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m perf --dataset tiny --benchmark-disable $(ENGINES) $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .benchmarks .hypothesis .pytest_cache

@@ -1,0 +1,156 @@
+"""Session fixtures and options of the suite.
+
+Tests never branch on an engine's name: `engine` and `dataset` are session fixtures
+parametrized from `--engine` / `--dataset`, so one test body runs on every engine. An
+engine that cannot run here (package missing, cluster unreachable) is skipped with the
+reason; a step an engine declares in `not_implemented` becomes a strict xfail.
+"""
+from __future__ import annotations
+
+import os
+
+# One BLAS/OpenMP thread per process, set before numpy loads: the engines provide the
+# parallelism (one single-threaded worker per core), and the reference is serial.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+
+from engines import ENGINES, create_engine, engine_class  # noqa: E402
+from fixtures import comparison, datasets  # noqa: E402
+from fixtures.measure import PeakMemory  # noqa: E402
+from fixtures.reference import reference_run  # noqa: E402
+from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
+
+TIMINGS = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("image-analytics-bench")
+    group.addoption("--engine", action="append", choices=list(ENGINES),
+                    help="engine to run (repeatable); default: every engine usable here")
+    group.addoption("--dataset", action="append",
+                    help=f"dataset (repeatable): {', '.join(datasets.dataset_names())}; "
+                         f"default: {', '.join(datasets.DEFAULT_CORRECTNESS)} for "
+                         f"correctness, {', '.join(datasets.DEFAULT_PERF)} for perf")
+    group.addoption("--subjects", type=int, default=1,
+                    help="subjects per phantom dataset (the study swept 1..25)")
+    group.addoption("--workers", type=int, default=os.cpu_count(),
+                    help="workers of a local engine cluster (default: one per core)")
+    group.addoption("--dask-scheduler", metavar="ADDRESS",
+                    help="run Dask on this existing cluster instead of a local one")
+    group.addoption("--rounds", type=int,
+                    help="timed rounds per benchmark (default: as many as fit ~20 s, 1..5)")
+
+
+def pytest_configure(config):
+    config.stash[TIMINGS] = []
+    try:
+        for name in config.getoption("dataset") or []:
+            datasets.canonical_name(name)
+    except InputError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    if "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", config.getoption("engine") or list(ENGINES),
+                             indirect=True, scope="session")
+    if "dataset" in metafunc.fixturenames:
+        chosen = config.getoption("dataset")
+        if not chosen:
+            perf = metafunc.definition.get_closest_marker("perf") is not None
+            chosen = datasets.DEFAULT_PERF if perf else datasets.DEFAULT_CORRECTNESS
+        names = list(dict.fromkeys(datasets.canonical_name(n) for n in chosen))
+        metafunc.parametrize("dataset", names, indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A step an engine declares unimplemented must raise NotImplementedError: strict xfail."""
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if not params or "engine" not in params or "step" not in params:
+            continue
+        try:
+            reason = engine_class(params["engine"]).not_implemented.get(params["step"])
+        except EngineUnavailable:
+            continue  # the engine fixture skips it with the reason
+        if reason:
+            item.add_marker(pytest.mark.xfail(raises=NotImplementedError, strict=True,
+                                              reason=f"{params['engine']}: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def engine(request):
+    config = request.config
+    try:
+        eng = create_engine(request.param, workers=config.getoption("workers"),
+                            dask_scheduler=config.getoption("dask_scheduler"))
+        eng.start()  # start-up and warm-up happen here, outside every timed region
+    except EngineUnavailable as exc:
+        pytest.skip(f"engine {request.param} unavailable: {exc}")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def dataset(request):
+    return datasets.load_dataset(request.param, subjects=request.config.getoption("subjects"))
+
+
+@pytest.fixture(scope="session")
+def reference(dataset):
+    """The reference's outputs for every subject of the dataset (cached on disk)."""
+    return [reference_run(subject) for subject in dataset.subjects]
+
+
+class Bench:
+    """Times one step of one engine with pytest-benchmark, records the facts that make
+    the number comparable, and files it for the comparison table."""
+
+    TARGET_SECONDS = 20.0  # rounds per benchmark: as many as fit in this, 1 to 5
+
+    def __init__(self, benchmark, config):
+        self.benchmark = benchmark
+        self.config = config
+
+    def __call__(self, fn, *, pipeline, step, engine, dataset, reference_seconds,
+                 work: dict):
+        rounds = self.config.getoption("rounds") or max(
+            1, min(5, int(self.TARGET_SECONDS / max(reference_seconds, 1e-3))))
+        self.benchmark.group = f"{pipeline}/{dataset.name}/{step}"
+        facts = engine.describe()
+        with PeakMemory() as peak:
+            result = self.benchmark.pedantic(
+                fn, rounds=rounds, iterations=1,
+                # a short step gets an untimed round first (caches, lazy imports)
+                warmup_rounds=1 if reference_seconds < 2.0 else 0)
+        stats = self.benchmark.stats
+        info = self.benchmark.extra_info
+        info.update(facts)
+        info.update(dataset.facts)
+        info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
+                    baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
+        if stats is not None:  # None under --benchmark-disable
+            median = stats.stats.median
+            if work.get("voxels"):
+                info["voxels_per_s"] = round(work["voxels"] / median)
+            if work.get("bytes_in"):
+                info["bytes_in_per_s"] = round(work["bytes_in"] / median)
+            self.config.stash[TIMINGS].append(comparison.Timing(
+                pipeline, dataset.name, dataset.description, step, engine.name,
+                engine.workers, median, rounds, info["peak_rss_mb"]))
+        return result
+
+
+@pytest.fixture
+def bench(benchmark, request):
+    return Bench(benchmark, request.config)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    timings = config.stash.get(TIMINGS, [])
+    if timings:
+        terminalreporter.section("engine comparison")
+        terminalreporter.write_line(comparison.render(timings))

@@ -1,0 +1,91 @@
+"""The one interface every engine implements.
+
+An engine opens a session (`start`), runs a pipeline step (`run_step`), and closes. The
+default `run_step` plans the step on the client and hands its kernel and partitions to
+`map`, the single primitive a Python-running engine must provide; an engine that has to
+re-express a step natively (TensorFlow, SciDB's AFL) overrides `run_step` for that step.
+What an engine cannot do it lists once in `not_implemented`, with the reason; the tests
+turn that into a strict expected failure, so the capability matrix stays truthful.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from typing import Any, Callable, ClassVar
+
+from pipelines.steps import RunContext, Step, StepRun
+
+# The domain libraries whose versions go with every result.
+RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel")
+
+Progress = Callable[[str, int, int], None]  # (step name, partitions done, partitions total)
+
+
+def package_versions(names=RECORDED_PACKAGES) -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+class Engine:
+    name: ClassVar[str]
+    # step name -> why this engine cannot run it (raises NotImplementedError with it)
+    not_implemented: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or os.cpu_count() or 1
+        self.progress: Progress | None = None
+
+    @classmethod
+    def from_options(cls, workers: int | None, options: dict[str, Any]) -> "Engine":
+        """Build from the suite's command-line options (--workers, --dask-scheduler, ...)."""
+        return cls(workers=workers)
+
+    # -- session ------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        """Open the session and warm it up; raises EngineUnavailable with the reason."""
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def versions(self) -> dict[str, str]:
+        return package_versions()
+
+    def describe(self) -> dict[str, Any]:
+        """Facts recorded with every result."""
+        return {"engine": self.name, "workers": self.workers, "versions": self.versions()}
+
+    # -- work ---------------------------------------------------------------------------
+    def map(self, kernel: Callable, partitions: list, shared: dict[str, Any],
+            label: str) -> list:
+        """kernel(partition, **shared) for every partition, results in partition order.
+        `shared` holds the small values every partition needs: broadcast them once."""
+        raise NotImplementedError
+
+    def run_step(self, step: Step, state: dict[str, Any], ctx: RunContext) -> StepRun:
+        if step.name in self.not_implemented:
+            raise NotImplementedError(f"{self.name} does not implement {step.name}: "
+                                      f"{self.not_implemented[step.name]}")
+        missing = [key for key in step.inputs if key not in state]
+        if missing:
+            raise ValueError(f"step {step.name} needs {missing}, which no earlier step made")
+        plan = step.plan(state, ctx)
+        results = self.map(step.kernel, plan.partitions, plan.shared, label=step.name)
+        return StepRun(plan.combine(results), len(plan.partitions), plan.bytes_in,
+                       plan.voxels)
+
+    def _report(self, label: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(label, done, total)

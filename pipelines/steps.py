@@ -1,0 +1,56 @@
+"""The one abstraction every pipeline is written in, and every engine executes.
+
+A `Step` is planned on the client (cheap, metadata only) into a `Plan`: a list of
+partitions, the small values every partition needs (`shared`, which engines broadcast),
+and a `combine` that turns the per-partition results into the step's outputs. The
+per-partition `kernel` is a plain module-level function, so engines that run Python
+(reference, Dask, Spark, Myria) ship it as it is; engines that cannot (TensorFlow) give
+their own implementation of the step by name.
+
+Large arrays move between steps as files in the run directory (NIfTI here), read and
+written by the workers themselves; only small values (a mask, one sigma per volume, the
+FA/MD maps) travel through the client.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a run writes its large intermediate files, and how it partitions work."""
+
+    workdir: Path
+    params: Any  # the pipeline's pinned parameters (a frozen dataclass)
+    partitioning: Any  # the pipeline's partitioning (a frozen dataclass)
+
+
+@dataclass
+class Plan:
+    partitions: list
+    shared: dict[str, Any]
+    combine: Callable[[list], dict[str, Any]]
+    bytes_in: int = 0  # bytes the step reads, for throughput figures
+    voxels: int = 0  # voxel values the step processes (voxels x volumes)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    inputs: tuple[str, ...]  # state keys the step reads
+    outputs: tuple[str, ...]  # state keys the step produces
+    plan: Callable[[dict, RunContext], Plan]
+    kernel: Callable[..., Any]  # kernel(partition, **shared) -> result, runs on workers
+
+
+@dataclass
+class StepRun:
+    """What an engine returns for one step: its outputs and the shape of the work done."""
+
+    outputs: dict[str, Any]
+    partitions: int
+    bytes_in: int
+    voxels: int
+    extra: dict[str, Any] = field(default_factory=dict)
