@@ -245,11 +245,17 @@ def fit_tensor_kernel(block, denoised, mask, gradients, params: NeuroParams):
 
 
 def voxel_blocks(shape, block, mask=None) -> list[tuple[slice, slice, slice]]:
-    """Grid of voxel blocks covering `shape`; blocks holding no mask voxel are dropped."""
+    """Grid of voxel blocks covering `shape`. With a mask, blocks holding no mask voxel are
+    dropped and the rest come largest first, so that the last tasks an engine hands out
+    are small ones and no worker is left finishing a big block alone."""
     edges = [range(0, n, b) for n, b in zip(shape, block)]
     blocks = [(slice(x, x + block[0]), slice(y, y + block[1]), slice(z, z + block[2]))
               for x in edges[0] for y in edges[1] for z in edges[2]]
-    return [b for b in blocks if mask is None or mask[b].any()]
+    if mask is None:
+        return blocks
+    work = [int(np.count_nonzero(mask[b])) for b in blocks]
+    order = sorted((i for i, w in enumerate(work) if w), key=lambda i: (-work[i], i))
+    return [blocks[i] for i in order]
 
 
 def plan_fit_tensor(state, ctx: RunContext) -> Plan:

@@ -3,6 +3,7 @@ the file by path, and writes of one volume into a shared output file. Every read
 can fail because of the file turns into one `InputError` line."""
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import zlib
@@ -61,8 +62,24 @@ def read_volume(path: str | os.PathLike, index: int) -> np.ndarray:
 
 def read_block(path: str | os.PathLike, block: tuple[slice, slice, slice]) -> np.ndarray:
     """A voxel block across all volumes, (bx, by, bz, V) float32."""
+    st = os.stat(path)
+    data = _mapped(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    return np.asarray(data[block], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _mapped(path: str, inode: int, size: int, mtime_ns: int):
+    """The image's data, memory-mapped once per process and file version (the identity
+    in the key means a rewritten file is mapped anew): a voxel block touches one page per
+    row of every volume, and keeping the mapping spares a worker those page faults on
+    every block it fits."""
     img = _load_quiet(path)
-    return np.asarray(img.dataobj[block], dtype=np.float32)
+    if img.dataobj.is_proxy and not (path.endswith(".gz")):
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        if slope == 1.0 and inter == 0.0:
+            return np.memmap(path, dtype=img.get_data_dtype(), mode="r",
+                             offset=img.dataobj.offset, shape=img.shape, order="F")
+    return img.dataobj  # compressed or scaled data: nibabel's proxy reads it correctly
 
 
 def create(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray,

@@ -125,13 +125,6 @@ def test_unreachable_dask_scheduler():
     assert time.monotonic() - start < 30, "an unreachable scheduler must fail fast"
 
 
-def test_unknown_engine_is_one_line():
-    from engines import create_engine
-
-    with pytest.raises(EngineUnavailable, match="unknown engine 'nope'"):
-        create_engine("nope")
-
-
 def test_cli_reports_one_line_and_status_2(subject):
     with open(subject[0], "r+b") as fh:
         fh.truncate(2000)
