@@ -40,7 +40,7 @@ def pytest_addoption(parser):
     group.addoption("--dask-scheduler", metavar="ADDRESS",
                     help="run Dask on this existing cluster instead of a local one")
     group.addoption("--rounds", type=int,
-                    help="timed rounds per benchmark (default: as many as fit ~20 s, 1..5)")
+                    help="timed rounds per benchmark (default: as many as fit ~20 s, 1..10)")
 
 
 def pytest_configure(config):
@@ -109,7 +109,12 @@ class Bench:
     """Times one step of one engine with pytest-benchmark, records the facts that make
     the number comparable, and files it for the comparison table."""
 
-    TARGET_SECONDS = 20.0  # rounds per benchmark: as many as fit in this, 1 to 5
+    # Rounds per benchmark: as many as the reference fits in TARGET_SECONDS, 1 to
+    # MAX_ROUNDS; a short step first gets untimed rounds to reach a steady state (imports,
+    # page mappings of the input in every worker, allocator pools).
+    TARGET_SECONDS = 20.0
+    MAX_ROUNDS = 10
+    WARMUP_ROUNDS = 2
 
     def __init__(self, benchmark, config):
         self.benchmark = benchmark
@@ -118,14 +123,13 @@ class Bench:
     def __call__(self, fn, *, pipeline, step, engine, dataset, reference_seconds,
                  work: dict):
         rounds = self.config.getoption("rounds") or max(
-            1, min(5, int(self.TARGET_SECONDS / max(reference_seconds, 1e-3))))
+            1, min(self.MAX_ROUNDS, int(self.TARGET_SECONDS / max(reference_seconds, 1e-3))))
         self.benchmark.group = f"{pipeline}/{dataset.name}/{step}"
         facts = engine.describe()
         with PeakMemory() as peak:
             result = self.benchmark.pedantic(
                 fn, rounds=rounds, iterations=1,
-                # a short step gets an untimed round first (caches, lazy imports)
-                warmup_rounds=1 if reference_seconds < 2.0 else 0)
+                warmup_rounds=self.WARMUP_ROUNDS if reference_seconds < 2.0 else 0)
         stats = self.benchmark.stats
         info = self.benchmark.extra_info
         info.update(facts)

@@ -19,7 +19,7 @@ from pipelines.steps import RunContext, Step, StepRun
 # The domain libraries whose versions go with every result.
 RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel")
 
-Progress = Callable[[str, int, int], None]  # (step name, partitions done, partitions total)
+Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
 
 
 def package_versions(names=RECORDED_PACKAGES) -> dict[str, str]:

@@ -36,18 +36,13 @@ LOCAL_CLUSTER_CONFIG = {
 
 
 def _prepare_worker() -> str | None:
-    """Run once on every worker: the suite must import there, and BLAS/OpenMP get one
-    thread (the nanny already sets OMP_NUM_THREADS=1; a user's cluster may not)."""
+    """Run once on every worker: the suite must import there (the nanny already sets
+    OMP_NUM_THREADS=1; a user's cluster may not, so threads are pinned here too)."""
     try:
-        import dipy.denoise.nlmeans  # noqa: F401  (import cost stays out of timed steps)
-        import dipy.reconst.dti  # noqa: F401
-        import dipy.segment.mask  # noqa: F401
-        import pipelines.neuro  # noqa: F401
-        from threadpoolctl import threadpool_limits
+        from pipelines import prepare_worker
     except ImportError as exc:
         return str(exc)
-    threadpool_limits(limits=1)
-    return None
+    return prepare_worker()
 
 
 class DaskEngine(Engine):
@@ -88,7 +83,9 @@ class DaskEngine(Engine):
             with dask.config.set(LOCAL_CLUSTER_CONFIG):
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                             processes=True, host="127.0.0.1",
-                                            dashboard_address=":0",  # any free port
+                                            dashboard_address=None,  # no dashboard
+                                            # its small HTTP server: any free port
+                                            scheduler_kwargs={"dashboard_address": ":0"},
                                             silence_logs=logging.ERROR)
             self.client = Client(self.cluster)
             self.threads = self.workers
@@ -136,20 +133,23 @@ class DaskEngine(Engine):
         futures = self.client.map(_run_fragments, [[partitions[i] for i in t] for t in tasks],
                                   kernel=kernel, pure=False,
                                   key=f"{label}-{uuid.uuid4().hex[:8]}", **shared_futures)
-        task_of = {f.key: t for f, t in zip(futures, tasks)}
-        results = [None] * len(partitions)
-        done = 0
         try:
-            # Results stream back as tasks finish: progress, and no second gather.
-            for future, outputs in as_completed(futures, with_results=True,
-                                                raise_errors=True):
-                for i, out in zip(task_of[future.key], outputs):
-                    results[i] = out
-                done += len(outputs)
-                self._report(label, done, len(partitions))
+            # Completion notices only, for progress; the results come in one gather at the
+            # end, so the client takes no CPU from busy workers while the step runs.
+            done = 0
+            for future in as_completed(futures):
+                if future.status == "error":
+                    future.result()  # re-raises the kernel's own exception here
+                done += 1
+                self._report(label, done, len(futures))
+            outputs = self.client.gather(futures)
         except BaseException:
             self.client.cancel(futures)  # a failed step leaves nothing running
             raise
+        results = [None] * len(partitions)
+        for task, task_outputs in zip(tasks, outputs):
+            for i, out in zip(task, task_outputs):
+                results[i] = out
         return results
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from threadpoolctl import threadpool_limits
 
+from pipelines import prepare_worker
+from pipelines.errors import EngineUnavailable
+
 from .base import Engine
 
 
@@ -12,6 +15,12 @@ class ReferenceEngine(Engine):
 
     def __init__(self, workers: int | None = None):
         super().__init__(workers=1)  # serial by definition, whatever --workers says
+
+    def start(self):
+        problem = prepare_worker()  # imports the kernels now, not in a timed step
+        if problem:
+            raise EngineUnavailable(f"reference: {problem}")
+        return self
 
     def map(self, kernel, partitions, shared, label):
         results = []

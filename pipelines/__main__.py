@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def _progress(label: str, done: int, total: int) -> None:
     if done == total or sys.stderr.isatty():  # a log file gets the final count only
         end = "\n" if done == total else ""
-        print(f"\r  {label}: {done}/{total} partitions", end=end, file=sys.stderr, flush=True)
+        print(f"\r  {label}: {done}/{total} tasks", end=end, file=sys.stderr, flush=True)
 
 
 def run_neuro(args) -> dict:
