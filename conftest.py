@@ -7,6 +7,7 @@ reason; a step an engine declares in `not_implemented` becomes a strict xfail.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 # One BLAS/OpenMP thread per process, set before numpy loads: the engines provide the
@@ -17,6 +18,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import pytest  # noqa: E402
 
 from engines import ENGINES, create_engine, engine_class  # noqa: E402
+from engines.base import print_progress  # noqa: E402
 from fixtures import comparison, datasets  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
@@ -94,15 +96,28 @@ def engine(request):
     eng.close()
 
 
+@contextlib.contextmanager
+def shown(config):
+    """Let long fixture work (generating a dataset, the reference run) show its progress
+    instead of sitting silent behind pytest's output capture."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        yield
+
+
 @pytest.fixture(scope="session")
 def dataset(request):
-    return datasets.load_dataset(request.param, subjects=request.config.getoption("subjects"))
+    with shown(request.config):
+        return datasets.load_dataset(request.param,
+                                     subjects=request.config.getoption("subjects"))
 
 
 @pytest.fixture(scope="session")
-def reference(dataset):
+def reference(request, dataset):
     """The reference's outputs for every subject of the dataset (cached on disk)."""
-    return [reference_run(subject) for subject in dataset.subjects]
+    with shown(request.config):
+        return [reference_run(subject, progress=print_progress)
+                for subject in dataset.subjects]
 
 
 class Bench:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import sys
 from typing import Any, Callable, ClassVar
 
 from pipelines.steps import RunContext, Step, StepRun
@@ -20,6 +21,13 @@ from pipelines.steps import RunContext, Step, StepRun
 RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel")
 
 Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
+
+
+def print_progress(label: str, done: int, total: int) -> None:
+    """A `Progress` that shows long work on stderr: live on a terminal, final count in a log."""
+    if done == total or sys.stderr.isatty():
+        end = "\n" if done == total else ""
+        print(f"\r  {label}: {done}/{total} tasks", end=end, file=sys.stderr, flush=True)
 
 
 def package_versions(names=RECORDED_PACKAGES) -> dict[str, str]:

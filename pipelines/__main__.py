@@ -43,14 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(label: str, done: int, total: int) -> None:
-    if done == total or sys.stderr.isatty():  # a log file gets the final count only
-        end = "\n" if done == total else ""
-        print(f"\r  {label}: {done}/{total} tasks", end=end, file=sys.stderr, flush=True)
-
-
 def run_neuro(args) -> dict:
     from engines import create_engine
+    from engines.base import print_progress
     from pipelines import neuro, nifti
     from pipelines.errors import InputError
     from pipelines.steps import RunContext
@@ -76,7 +71,7 @@ def run_neuro(args) -> dict:
     with create_engine(args.engine, workers=args.workers,
                        dask_scheduler=args.dask_scheduler) as engine:
         if not args.quiet:
-            engine.progress = _progress
+            engine.progress = print_progress
             print(f"{engine.name} with {engine.workers} worker(s) on {files[0]}",
                   file=sys.stderr)
         start = time.perf_counter()
