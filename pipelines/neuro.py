@@ -133,8 +133,8 @@ def _volume_bytes(state) -> int:
 
 def mean_b0_kernel(part):
     dwi, indices = part
-    total = np.zeros(nifti.read_volume(dwi, indices[0]).shape, dtype=np.float64)
-    for k in indices:
+    total = nifti.read_volume(dwi, indices[0]).astype(np.float64)
+    for k in indices[1:]:
         total += nifti.read_volume(dwi, k)
     return total
 
