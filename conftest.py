@@ -37,7 +37,7 @@ def pytest_addoption(parser):
                          f"correctness, {', '.join(datasets.DEFAULT_PERF)} for perf")
     group.addoption("--subjects", type=int, default=1,
                     help="subjects per phantom dataset (the study swept 1..25)")
-    group.addoption("--workers", type=int, default=os.cpu_count(),
+    group.addoption("--workers", type=int, default=None,
                     help="workers of a local engine cluster (default: one per core)")
     group.addoption("--dask-scheduler", metavar="ADDRESS",
                     help="run Dask on this existing cluster instead of a local one")

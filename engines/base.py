@@ -23,6 +23,14 @@ RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel")
 Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def print_progress(label: str, done: int, total: int) -> None:
     """A `Progress` that shows long work on stderr: live on a terminal, final count in a log."""
     if done == total or sys.stderr.isatty():
@@ -46,7 +54,7 @@ class Engine:
     not_implemented: ClassVar[dict[str, str]] = {}
 
     def __init__(self, workers: int | None = None):
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or usable_cores()
         self.progress: Progress | None = None
 
     @classmethod

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--bvecs", type=Path, help="gradient directions, FSL format (3 x N)")
     src.add_argument("--dataset", help="a suite dataset instead (e.g. phantom-small)")
     n.add_argument("--engine", default="reference", choices=list(ENGINES))
-    n.add_argument("--workers", type=int, default=os.cpu_count(),
+    n.add_argument("--workers", type=int, default=None,
                    help="workers of a local engine cluster (default: one per core)")
     n.add_argument("--dask-scheduler", metavar="ADDRESS",
                    help="use this existing Dask cluster")
