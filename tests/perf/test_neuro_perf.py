@@ -18,25 +18,27 @@ ALL_OUTPUTS = ["mean_b0", "mask", "sigma", "denoised", "fa", "md"]
 
 @pytest.mark.parametrize("step", [s.name for s in neuro.STEPS] + ["pipeline"])
 def test_neuro(step, engine, dataset, reference, bench, tmp_path):
-    ctx = RunContext(tmp_path, neuro.NeuroParams(), neuro.NeuroPartitioning())
+    # One run folder per subject: each subject's denoised image must outlive the round.
+    ctxs = [RunContext(tmp_path / f"subject{i}", neuro.NeuroParams(),
+                       neuro.NeuroPartitioning()) for i in range(len(reference))]
     if step == "pipeline":
         states = [neuro.load_subject(*run.subject.files()) for run in reference]
 
         def run_all():
-            return [neuro.run_pipeline(engine, s, ctx) for s in states]
+            return [neuro.run_pipeline(engine, s, c) for s, c in zip(states, ctxs)]
 
         ref_seconds = sum(sum(run.seconds.values()) for run in reference)
         # The work of the whole pipeline, stated as its heaviest step's: denoising.
-        planned = [neuro.DENOISE.plan(run.state, ctx) for run in reference]
+        planned = [neuro.DENOISE.plan(run.state, c) for run, c in zip(reference, ctxs)]
     else:
         the_step = neuro.STEP_BY_NAME[step]
         states = [run.state_before(step) for run in reference]
 
         def run_all():
-            return [engine.run_step(the_step, s, ctx).outputs for s in states]
+            return [engine.run_step(the_step, s, c).outputs for s, c in zip(states, ctxs)]
 
         ref_seconds = sum(run.seconds[step] for run in reference)
-        planned = [the_step.plan(s, ctx) for s in states]
+        planned = [the_step.plan(s, c) for s, c in zip(states, ctxs)]
     work = {"partitions": sum(len(p.partitions) for p in planned),
             "bytes_in": sum(p.bytes_in for p in planned),
             "voxels": sum(p.voxels for p in planned)}
@@ -50,5 +52,5 @@ def test_neuro(step, engine, dataset, reference, bench, tmp_path):
     finally:
         # A denoised image is as big as the input (4.2 GB per HCP subject), and pytest
         # keeps the temporary folders of its last three sessions.
-        for image in tmp_path.glob("*.nii"):
+        for image in tmp_path.rglob("*.nii"):
             image.unlink()
