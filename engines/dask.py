@@ -134,15 +134,14 @@ class DaskEngine(Engine):
                                   kernel=kernel, pure=False,
                                   key=f"{label}-{uuid.uuid4().hex[:8]}", **shared_futures)
         try:
-            # Completion notices only, for progress; the results come in one gather at the
-            # end, so the client takes no CPU from busy workers while the step runs.
-            done = 0
-            for future in as_completed(futures):
-                if future.status == "error":
-                    future.result()  # re-raises the kernel's own exception here
-                done += 1
-                self._report(label, done, len(futures))
-            outputs = self.client.gather(futures)
+            # Results come in one gather at the end, so the client takes no CPU from busy
+            # workers while the step runs; completion notices only when someone watches.
+            if self.progress is not None:
+                for done, future in enumerate(as_completed(futures), 1):
+                    if future.status == "error":
+                        future.result()  # re-raises the kernel's own exception here
+                    self._report(label, done, len(futures))
+            outputs = self.client.gather(futures)  # raises the first kernel error
         except BaseException:
             self.client.cancel(futures)  # a failed step leaves nothing running
             raise
