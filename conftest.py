@@ -122,7 +122,8 @@ def reference(request, dataset):
 
 class Bench:
     """Times one step of one engine with pytest-benchmark, records the facts that make
-    the number comparable, and files it for the comparison table."""
+    the number comparable, checks the answer, and only then files the time for the
+    comparison table: a fast wrong engine never appears in it."""
 
     # Rounds per benchmark: as many as the reference fits in TARGET_SECONDS, 1 to
     # MAX_ROUNDS; a short step first gets untimed rounds to reach a steady state (imports,
@@ -135,7 +136,7 @@ class Bench:
         self.benchmark = benchmark
         self.config = config
 
-    def __call__(self, fn, *, pipeline, step, engine, dataset, reference_seconds,
+    def __call__(self, fn, *, check, pipeline, step, engine, dataset, reference_seconds,
                  work: dict):
         rounds = self.config.getoption("rounds") or max(
             1, min(self.MAX_ROUNDS, int(self.TARGET_SECONDS / max(reference_seconds, 1e-3))))
@@ -151,6 +152,7 @@ class Bench:
         info.update(dataset.facts)
         info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
                     baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
+        check(result)  # raises (the test fails) before a wrong answer's time is filed
         if stats is not None:  # None under --benchmark-disable
             median = stats.stats.median
             if work.get("voxels"):
@@ -160,7 +162,6 @@ class Bench:
             self.config.stash[TIMINGS].append(comparison.Timing(
                 pipeline, dataset.name, dataset.description, step, engine.name,
                 engine.workers, median, rounds, info["peak_rss_mb"]))
-        return result
 
 
 @pytest.fixture

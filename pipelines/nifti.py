@@ -74,12 +74,11 @@ def _mapped(path: str, inode: int, size: int, mtime_ns: int):
     row of every volume, and keeping the mapping spares a worker those page faults on
     every block it fits."""
     img = _load_quiet(path)
-    if img.dataobj.is_proxy and not (path.endswith(".gz")):
-        slope, inter = img.dataobj.slope, img.dataobj.inter
-        if slope == 1.0 and inter == 0.0:
-            return np.memmap(path, dtype=img.get_data_dtype(), mode="r",
-                             offset=img.dataobj.offset, shape=img.shape, order="F")
-    return img.dataobj  # compressed or scaled data: nibabel's proxy reads it correctly
+    proxy = img.dataobj
+    if not path.endswith(".gz") and proxy.slope == 1.0 and proxy.inter == 0.0:
+        return np.memmap(path, dtype=img.get_data_dtype(), mode="r", offset=proxy.offset,
+                         shape=img.shape, order="F")
+    return proxy  # compressed or scaled data: nibabel's proxy reads it correctly
 
 
 def create(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures.datasets import load_dataset
-from pipelines import neuro, nifti
+from pipelines import neuro
 from pipelines.errors import EngineUnavailable, InputError
 from pipelines.steps import RunContext
 

@@ -43,12 +43,14 @@ def test_neuro(step, engine, dataset, reference, bench, tmp_path):
             "bytes_in": sum(p.bytes_in for p in planned),
             "voxels": sum(p.voxels for p in planned)}
 
-    try:
-        outputs = bench(run_all, pipeline="neuro", step=step, engine=engine,
-                        dataset=dataset, reference_seconds=ref_seconds, work=work)
+    def check(outputs):
         for out, run in zip(outputs, reference):
             assert_outputs_match(out, run.state,
                                  keys=ALL_OUTPUTS if step == "pipeline" else None)
+
+    try:
+        bench(run_all, check=check, pipeline="neuro", step=step, engine=engine,
+              dataset=dataset, reference_seconds=ref_seconds, work=work)
     finally:
         # A denoised image is as big as the input (4.2 GB per HCP subject), and pytest
         # keeps the temporary folders of its last three sessions.
