@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 ENGINES ?=                 # e.g. ENGINES="--engine dask"; default: every engine usable here
-DATASET ?= phantom-small
+DATASETS ?= small         # a scale names both pipelines' datasets: phantom-small, survey-small
 WORKERS ?= $(shell nproc)
 PYTEST_ARGS ?=
 
@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 bench: $(BIN)/.installed
-	$(BIN)/python -m pytest -m perf $(ENGINES) --dataset $(DATASET) --workers $(WORKERS) \
+	$(BIN)/python -m pytest -m perf $(ENGINES) $(addprefix --dataset ,$(DATASETS)) --workers $(WORKERS) \
 	  --benchmark-autosave --benchmark-columns=median,min,max,rounds \
 	  --benchmark-sort=name $(PYTEST_ARGS)
 

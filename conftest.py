@@ -22,6 +22,7 @@ from engines.base import print_progress  # noqa: E402
 from fixtures import comparison, datasets  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
+from pipelines import PIPELINES  # noqa: E402
 from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
 
 TIMINGS = pytest.StashKey[list]()
@@ -37,6 +38,9 @@ def pytest_addoption(parser):
                          f"correctness, {', '.join(datasets.DEFAULT_PERF)} for perf")
     group.addoption("--subjects", type=int, default=1,
                     help="subjects per phantom dataset (the study swept 1..25)")
+    group.addoption("--visits", type=int, default=None,
+                    help="visits of a synthetic survey (the study swept 2..24; default: "
+                         "the scale's own)")
     group.addoption("--workers", type=int, default=None,
                     help="workers of a local engine cluster (default: one per core)")
     group.addoption("--dask-scheduler", metavar="ADDRESS",
@@ -49,7 +53,7 @@ def pytest_configure(config):
     config.stash[TIMINGS] = []
     try:
         for name in config.getoption("dataset") or []:
-            datasets.canonical_name(name)
+            datasets.expand_name(name)
     except InputError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -64,8 +68,24 @@ def pytest_generate_tests(metafunc):
         if not chosen:
             perf = metafunc.definition.get_closest_marker("perf") is not None
             chosen = datasets.DEFAULT_PERF if perf else datasets.DEFAULT_CORRECTNESS
-        names = list(dict.fromkeys(datasets.canonical_name(n) for n in chosen))
-        metafunc.parametrize("dataset", names, indirect=True, scope="session")
+        names = list(dict.fromkeys(n for c in chosen for n in datasets.expand_name(c)))
+        # A test marked pipeline("astro") runs on that pipeline's datasets only; when none
+        # was chosen, pytest reports it skipped with an empty parameter set.
+        marker = metafunc.definition.get_closest_marker("pipeline")
+        if marker:
+            names = [n for n in names if datasets.pipeline_of(n) == marker.args[0]]
+        each_step = metafunc.definition.get_closest_marker("each_step")
+        if each_step:
+            # (dataset, step) pairs: each dataset with the steps of its own pipeline, and
+            # with the whole pipeline as one more "step" when whole=True.
+            pairs = [(n, s.name) for n in names
+                     for s in PIPELINES[datasets.pipeline_of(n)].STEPS]
+            if each_step.kwargs.get("whole"):
+                pairs += [(n, "pipeline") for n in names]
+            metafunc.parametrize(("dataset", "step"), pairs, indirect=["dataset"],
+                                 scope="session", ids=[f"{n}-{s}" for n, s in pairs])
+        else:
+            metafunc.parametrize("dataset", names, indirect=True, scope="session")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -109,15 +129,16 @@ def shown(config):
 def dataset(request):
     with shown(request.config):
         return datasets.load_dataset(request.param,
-                                     subjects=request.config.getoption("subjects"))
+                                     subjects=request.config.getoption("subjects"),
+                                     visits=request.config.getoption("visits"))
 
 
 @pytest.fixture(scope="session")
 def reference(request, dataset):
-    """The reference's outputs for every subject of the dataset (cached on disk)."""
+    """The reference's outputs for every input (subject, survey) of the dataset, cached."""
     with shown(request.config):
-        return [reference_run(subject, progress=print_progress)
-                for subject in dataset.subjects]
+        return [reference_run(source, progress=print_progress)
+                for source in dataset.inputs]
 
 
 class Bench:
@@ -155,10 +176,9 @@ class Bench:
         check(result)  # raises (the test fails) before a wrong answer's time is filed
         if stats is not None:  # None under --benchmark-disable
             median = stats.stats.median
-            if work.get("voxels"):
-                info["voxels_per_s"] = round(work["voxels"] / median)
-            if work.get("bytes_in"):
-                info["bytes_in_per_s"] = round(work["bytes_in"] / median)
+            for amount in ("voxels", "pixels", "bytes_in"):
+                if work.get(amount):
+                    info[f"{amount}_per_s"] = round(work[amount] / median)
             self.config.stash[TIMINGS].append(comparison.Timing(
                 pipeline, dataset.name, dataset.description, step, engine.name,
                 engine.workers, median, rounds, info["peak_rss_mb"]))

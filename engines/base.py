@@ -18,7 +18,8 @@ from typing import Any, Callable, ClassVar
 from pipelines.steps import RunContext, Step, StepRun
 
 # The domain libraries whose versions go with every result.
-RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel")
+RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel", "astropy", "photutils", "reproject",
+                     "astroscrappy")
 
 Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
 

@@ -1,13 +1,24 @@
 """What is computed: the study's pipelines as ordered steps, each with pinned parameters,
-a partitioning and a per-partition kernel in plain NumPy/dipy. See `steps.py`."""
+a partitioning and a per-partition kernel in plain NumPy/dipy/astropy. See `steps.py`.
+
+Each pipeline module offers the same names: STEPS, STEP_BY_NAME, Params, Partitioning,
+run_pipeline(engine, state, ctx).
+"""
 from __future__ import annotations
 
 import importlib
 
+from . import astro, neuro
+
+PIPELINES = {"neuro": neuro, "astro": astro}
+
 # What a worker process imports before its first timed task, so that import time never
 # lands in a measurement. Kernels import these lazily (a client need not have them all).
 KERNEL_MODULES = ("pipelines.neuro", "dipy.core.gradients", "dipy.segment.mask",
-                  "dipy.denoise.noise_estimate", "dipy.denoise.nlmeans", "dipy.reconst.dti")
+                  "dipy.denoise.noise_estimate", "dipy.denoise.nlmeans", "dipy.reconst.dti",
+                  "pipelines.astro", "astropy.io.fits", "astropy.wcs", "astropy.stats",
+                  "astroscrappy", "photutils.background", "photutils.segmentation",
+                  "reproject", "scipy.ndimage")
 
 
 def prepare_worker() -> str | None:

@@ -2,10 +2,12 @@
 
     python -m pipelines neuro --dwi dwi.nii.gz --bvals bvals --bvecs bvecs \\
         --engine dask --workers 8 --out results/
+    python -m pipelines astro --ccds raw/ --engine dask --workers 8 --out results/
 
-writes mask.nii.gz, denoised.nii, fa.nii.gz, md.nii.gz and run.json (engine, versions,
-parameters, seconds per step) into --out. Errors in the input or the engine are one line
-on stderr and exit status 2.
+neuro writes mask.nii.gz, denoised.nii, fa.nii.gz, md.nii.gz; astro writes the
+calibrated CCDs, warps and coadds (FITS with WCS) and catalog.fits; both write run.json
+(engine, versions, parameters, seconds per step, skipped inputs). Errors in the input or
+the engine are one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -33,33 +35,90 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--bvals", type=Path, help="b-values, FSL format")
     src.add_argument("--bvecs", type=Path, help="gradient directions, FSL format (3 x N)")
     src.add_argument("--dataset", help="a suite dataset instead (e.g. phantom-small)")
-    n.add_argument("--engine", default="reference", choices=list(ENGINES))
-    n.add_argument("--workers", type=int, default=None,
-                   help="workers of a local engine cluster (default: one per core)")
-    n.add_argument("--dask-scheduler", metavar="ADDRESS",
-                   help="use this existing Dask cluster")
-    n.add_argument("--out", type=Path, required=True, help="output directory")
-    n.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    a = sub.add_parser("astro", help="survey: calibrate, warp, coadd, detect -> catalog")
+    src = a.add_argument_group("input: --ccds, or --dataset")
+    src.add_argument("--ccds", type=Path,
+                     help="directory of CCD files (multi-extension FITS with IMAGE, MASK "
+                          "and VARIANCE planes, a celestial WCS, VISIT and CCDNUM keywords)")
+    src.add_argument("--dataset", help="a suite dataset instead (e.g. survey-small)")
+    sky = a.add_argument_group("sky map (for --ccds; a suite dataset brings its own)")
+    sky.add_argument("--pixel-scale", type=float, default=0.333, help="arcsec per pixel")
+    sky.add_argument("--patch-inner", type=int, default=2000, help="patch size, pixels")
+    sky.add_argument("--patch-border", type=int, default=100, help="patch border, pixels")
+    for parser in (n, a):
+        parser.add_argument("--engine", default="reference", choices=list(ENGINES))
+        parser.add_argument("--workers", type=int, default=None,
+                            help="workers of a local engine cluster (default: one per core)")
+        parser.add_argument("--dask-scheduler", metavar="ADDRESS",
+                            help="use this existing Dask cluster")
+        parser.add_argument("--out", type=Path, required=True, help="output directory")
+        parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
 
-def run_neuro(args) -> dict:
-    from engines import create_engine
-    from engines.base import print_progress
-    from pipelines import neuro, nifti
+def load_neuro(args):
+    from pipelines import neuro
     from pipelines.errors import InputError
-    from pipelines.steps import RunContext
 
     if args.dataset:
         from fixtures.datasets import load_dataset
 
-        files = load_dataset(args.dataset).subjects[0].files()
+        files = load_dataset(args.dataset).inputs[0].files()
     elif args.dwi and args.bvals and args.bvecs:
         files = (args.dwi, args.bvals, args.bvecs)
     else:
         raise InputError("give --dwi, --bvals and --bvecs, or --dataset")
-    params, partitioning = neuro.NeuroParams(), neuro.NeuroPartitioning()
-    state = neuro.load_subject(*files, params=params)
+    return [str(f) for f in files], neuro.load_subject(*files)
+
+
+def load_astro(args):
+    from pipelines import astro
+    from pipelines.errors import InputError
+
+    if args.dataset:
+        from fixtures.datasets import load_dataset
+
+        dataset = load_dataset(args.dataset)
+        if dataset.pipeline != "astro":
+            raise InputError(f"{args.dataset} is not a survey dataset")
+        survey = dataset.inputs[0]
+        return [str(survey.directory)], survey.load_state()
+    if not args.ccds:
+        raise InputError("give --ccds DIRECTORY, or --dataset")
+    return [str(args.ccds)], astro.load_survey(args.ccds, pixel_scale_arcsec=args.pixel_scale,
+                                               patch_inner=args.patch_inner,
+                                               patch_border=args.patch_border)
+
+
+def write_neuro(final, out: Path) -> list[str]:
+    from pipelines import nifti
+
+    for name in ("mask", "fa", "md"):
+        nifti.save(out / f"{name}.nii.gz", final[name], final["affine"])
+    return ["mask.nii.gz", "denoised.nii", "fa.nii.gz", "md.nii.gz"]
+
+
+def write_astro(final, out: Path) -> list[str]:
+    from astropy.table import Table
+
+    Table(final["catalog"]).write(out / "catalog.fits", overwrite=True)
+    return ["calexp/", "warp/", "coadd/", "catalog.fits"]
+
+
+PIPELINE_IO = {"neuro": (load_neuro, write_neuro), "astro": (load_astro, write_astro)}
+
+
+def execute(args) -> dict:
+    from engines import create_engine
+    from engines.base import print_progress
+    from pipelines import PIPELINES
+    from pipelines.steps import RunContext
+
+    pipeline = PIPELINES[args.pipeline]
+    load, write = PIPELINE_IO[args.pipeline]
+    inputs, state = load(args)
+    skipped = state.get("skipped", ())
+    params, partitioning = pipeline.Params(), pipeline.Partitioning()
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = {}
 
@@ -72,19 +131,21 @@ def run_neuro(args) -> dict:
                        dask_scheduler=args.dask_scheduler) as engine:
         if not args.quiet:
             engine.progress = print_progress
-            print(f"{engine.name} with {engine.workers} worker(s) on {files[0]}",
+            print(f"{engine.name} with {engine.workers} worker(s) on {inputs[0]}",
                   file=sys.stderr)
         start = time.perf_counter()
-        final = neuro.run_pipeline(engine, state, RunContext(args.out, params, partitioning),
-                                   on_step=on_step)
+        final = pipeline.run_pipeline(engine, state, RunContext(args.out, params, partitioning),
+                                      on_step=on_step)
         total = time.perf_counter() - start
         facts = engine.describe()
-    for name in ("mask", "fa", "md"):
-        nifti.save(args.out / f"{name}.nii.gz", final[name], state["affine"])
-    run = {**facts, "input": [str(f) for f in files], "seconds": seconds,
+    outputs = write(final, args.out)
+    skipped = final.get("skipped", skipped)
+    for _, reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    run = {**facts, "pipeline": args.pipeline, "input": inputs, "seconds": seconds,
            "total_seconds": round(total, 3), "params": dataclasses.asdict(params),
-           "partitioning": dataclasses.asdict(partitioning),
-           "outputs": ["mask.nii.gz", "denoised.nii", "fa.nii.gz", "md.nii.gz"]}
+           "partitioning": dataclasses.asdict(partitioning), "outputs": outputs,
+           "skipped": [{"input": path, "reason": reason} for path, reason in skipped]}
     (args.out / "run.json").write_text(json.dumps(run, indent=1))
     return run
 
@@ -95,7 +156,7 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        run = run_neuro(args)
+        run = execute(args)
     except (InputError, EngineUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

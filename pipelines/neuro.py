@@ -8,7 +8,6 @@ them to its workers; they read their inputs from files by path.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +16,10 @@ import numpy as np
 
 from . import nifti
 from .errors import InputError
-from .steps import Plan, RunContext, Step
+from .steps import Plan, RunContext, Step, run_steps
 
 PIPELINE = "neuro"
+UNIT = "voxels"  # what the work is counted in (Plan.voxels)
 
 
 @dataclass(frozen=True)
@@ -291,11 +291,7 @@ STEP_BY_NAME = {s.name: s for s in STEPS}
 
 def run_pipeline(engine, state: dict, ctx: RunContext,
                  on_step: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    """Run every step on `engine`, feeding each step the outputs of the ones before it."""
-    state = dict(state)
-    for step in STEPS:
-        start = time.perf_counter()
-        state.update(engine.run_step(step, state, ctx).outputs)
-        if on_step:
-            on_step(step.name, time.perf_counter() - start)
-    return state
+    return run_steps(STEPS, engine, state, ctx, on_step)
+
+
+Params, Partitioning = NeuroParams, NeuroPartitioning  # the names every pipeline offers

@@ -13,6 +13,7 @@ FA/MD maps) travel through the client.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,7 @@ class Plan:
     shared: dict[str, Any]
     combine: Callable[[list], dict[str, Any]]
     bytes_in: int = 0  # bytes the step reads, for throughput figures
-    voxels: int = 0  # voxel values the step processes (voxels x volumes)
+    voxels: int = 0  # image elements the step processes (voxels x volumes; pixels)
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,16 @@ class StepRun:
     bytes_in: int
     voxels: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_steps(steps, engine, state: dict, ctx: RunContext,
+              on_step: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    """Run `steps` in order on `engine`, each fed the outputs of the ones before it;
+    `on_step(name, seconds)` hears of each step as it ends."""
+    state = dict(state)
+    for step in steps:
+        start = time.perf_counter()
+        state.update(engine.run_step(step, state, ctx).outputs)
+        if on_step:
+            on_step(step.name, time.perf_counter() - start)
+    return state

@@ -64,3 +64,6 @@ def assert_output_matches(name: str, got, want) -> None:
 def assert_outputs_match(outputs: dict, reference_state: dict, keys=None) -> None:
     for name in keys or outputs:
         assert_output_matches(name, outputs[name], reference_state[name])
+
+
+ALL_OUTPUTS = ["mean_b0", "mask", "sigma", "denoised", "fa", "md"]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def subject(tmp_path):
     """A private copy of the tiny phantom's files, free to be damaged."""
-    src = load_dataset("phantom-tiny").subjects[0]
+    src = load_dataset("phantom-tiny").inputs[0]
     for f in src.files():
         shutil.copy(f, tmp_path / f.name)
     return tmp_path / "dwi.nii", tmp_path / "bvals", tmp_path / "bvecs"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_writes_the_reference_maps(engine, tmp_path):
-    subject = load_dataset("phantom-tiny").subjects[0]
+    subject = load_dataset("phantom-tiny").inputs[0]
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines", "neuro", "--engine", engine.name,

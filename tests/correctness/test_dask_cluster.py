@@ -64,16 +64,18 @@ def test_pipeline_runs_through_dask_scheduler_option(dask_cluster):
     import distributed
 
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/correctness/test_neuro.py", "-q",
+        [sys.executable, "-m", "pytest", "tests/correctness/test_steps.py", "-q",
          "-p", "no:cacheprovider", "--engine", "dask", "--dask-scheduler", dask_cluster,
-         "--dataset", "tiny"],
+         "--dataset", "tiny"],  # both pipelines: phantom-tiny and survey-tiny
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 7, tail  # 5 steps, the pipeline, .nii.gz
+    # neuro: 5 steps and the pipeline; astro: 4 steps and the pipeline
+    assert passed and int(passed.group(1)) == 11, tail
     assert "skipped" not in proc.stdout and "failed" not in proc.stdout, tail
     with distributed.Client(dask_cluster, timeout="30s") as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
         assert len(client.scheduler_info()["workers"]) == 2
-    assert {"denoise", "fit_tensor"} <= set(prefixes), prefixes
+    assert {"denoise", "fit_tensor", "calibrate", "warp", "coadd", "detect"} <= set(prefixes), \
+        prefixes

@@ -21,7 +21,7 @@ def examples(n):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return reference_run(load_dataset("phantom-tiny").subjects[0])
+    return reference_run(load_dataset("phantom-tiny").inputs[0])
 
 
 def partitionings(shape, n_volumes, n_b0):

@@ -1,0 +1,85 @@
+"""FITS input/output of the astronomy pipeline: the pipeline's one place for it.
+
+A CCD (raw or calibrated) is a multi-extension FITS file: a primary header with the
+exposure's facts (VISIT, CCDNUM, GAIN, RDNOISE, SATURATE, FLUXSCAL), then IMAGE (float32,
+with the CCD's celestial WCS), MASK (int32 bit planes, named in its header as
+MASKBIT<n> = NAME) and VARIANCE (float32), the layout of LSST's and DECam community
+pipelines' calibrated exposures. Warps and coadds are the same idea on a patch grid.
+Files are written uncompressed so workers can memory-map the rows or cut-outs they need.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+PLANES = ("IMAGE", "MASK", "VARIANCE")
+# The LSST stack's mask planes; a file's own MASKBIT<n> keywords take precedence.
+DEFAULT_MASK_BITS = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
+                     "NO_DATA": 8}
+
+
+def mask_bits(header) -> dict[str, int]:
+    named = {str(v).strip().upper(): int(k[len("MASKBIT"):])
+             for k, v in header.items() if k.startswith("MASKBIT") and k[7:].isdigit()}
+    return named or dict(DEFAULT_MASK_BITS)
+
+
+def bits_value(bits: dict[str, int], names) -> int:
+    """The integer with the named mask planes set; planes a file does not name are 0."""
+    return int(sum(1 << bits[n] for n in names if n in bits))
+
+
+def mask_header(bits: dict[str, int]):
+    from astropy.io import fits
+
+    header = fits.Header()
+    for name, bit in sorted(bits.items(), key=lambda item: item[1]):
+        header[f"MASKBIT{bit}"] = name
+    return header
+
+
+def open_fits(path):
+    """Open a FITS file, turning astropy's ways of saying 'corrupt' into one InputError.
+    Truncation, which astropy only warns about, is an error here."""
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fits.verify.VerifyWarning)
+            warnings.filterwarnings("error", message="File may have been truncated")
+            hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError, TypeError, Warning) as exc:
+        raise InputError(f"{path}: not a readable FITS file "
+                         f"({str(exc).splitlines()[0]})") from None
+    return hdul
+
+
+def read_plane(hdul, name: str, rows=slice(None), cols=slice(None), path="") -> np.ndarray:
+    """A plane (or a cut-out of it) in native byte order; memory-mapped files are read
+    only where asked."""
+    try:
+        data = hdul[name].section[rows, cols]
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: cannot read {name} ({str(exc).splitlines()[0]})") from None
+    return np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False)
+
+
+def write_planes(path: Path, primary_header, planes: dict[str, tuple]) -> Path:
+    """planes: EXTNAME -> (array, header or None), written in order."""
+    from astropy.io import fits
+
+    hdus = [fits.PrimaryHDU(header=primary_header)]
+    for name, (data, header) in planes.items():
+        hdus.append(fits.ImageHDU(data=data, header=header, name=name))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.fits")
+    fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    tmp.replace(path)  # readers never see a half-written file (a retried task rewrites it)
+    return path

@@ -1,0 +1,36 @@
+"""Every engine against the serial reference, step by step and end to end, on every
+dataset chosen (default: the tiny phantom, dipy's real small_64D, the tiny survey and
+astropy's real M13 image). One test body for both pipelines: `step` runs over the steps
+of the dataset's own pipeline."""
+import pytest
+
+from pipelines import PIPELINES
+from pipelines.steps import RunContext
+from tests.checks import CHECKS
+
+pytestmark = pytest.mark.correctness
+
+
+def context(pipeline, workdir):
+    return RunContext(workdir, pipeline.Params(), pipeline.Partitioning())
+
+
+@pytest.mark.each_step
+def test_step_matches_reference(step, engine, dataset, reference, tmp_path):
+    """Each step fed the reference's outputs of the steps before it."""
+    pipeline = PIPELINES[dataset.pipeline]
+    for i, run in enumerate(reference):
+        the_step = pipeline.STEP_BY_NAME[step]
+        result = engine.run_step(the_step, run.state_before(step),
+                                 context(pipeline, tmp_path / f"run{i}"))
+        assert set(result.outputs) == set(the_step.outputs)
+        assert result.partitions >= 1
+        CHECKS[dataset.pipeline].assert_outputs_match(result.outputs, run.state)
+
+
+def test_pipeline_matches_reference(engine, dataset, reference, tmp_path):
+    pipeline, checks = PIPELINES[dataset.pipeline], CHECKS[dataset.pipeline]
+    for i, run in enumerate(reference):
+        final = pipeline.run_pipeline(engine, run.source.load_state(),
+                                      context(pipeline, tmp_path / f"run{i}"))
+        checks.assert_outputs_match(final, run.state, keys=checks.ALL_OUTPUTS)

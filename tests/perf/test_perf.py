@@ -1,0 +1,56 @@
+"""Benchmarks of every step and of the whole pipeline, per engine and dataset, for both
+pipelines (`step` runs over the steps of the dataset's own pipeline, then "pipeline").
+
+Each step is fed the reference's outputs of the steps before it, so a step's time is its
+own. Every timed answer is checked against the reference before its time is filed: a
+fast wrong engine never tops the table. Engine start-up, warm-up and data generation
+happen in session fixtures, outside the timed region.
+"""
+import pytest
+
+from pipelines import PIPELINES
+from pipelines.steps import RunContext
+from tests.checks import CHECKS
+
+pytestmark = pytest.mark.perf
+
+
+@pytest.mark.each_step(whole=True)
+def test_perf(step, engine, dataset, reference, bench, tmp_path):
+    pipeline, checks = PIPELINES[dataset.pipeline], CHECKS[dataset.pipeline]
+    # One run folder per input: each run's large files must outlive the round.
+    ctxs = [RunContext(tmp_path / f"run{i}", pipeline.Params(), pipeline.Partitioning())
+            for i in range(len(reference))]
+    steps = pipeline.STEPS if step == "pipeline" else [pipeline.STEP_BY_NAME[step]]
+    if step == "pipeline":
+        states = [run.source.load_state() for run in reference]
+
+        def run_all():
+            return [pipeline.run_pipeline(engine, s, c) for s, c in zip(states, ctxs)]
+    else:
+        states = [run.state_before(step) for run in reference]
+
+        def run_all():
+            return [engine.run_step(steps[0], s, c).outputs for s, c in zip(states, ctxs)]
+
+    ref_seconds = sum(run.seconds[s.name] for run in reference for s in steps)
+    # The work done: what every step reads, planned from the reference's own states.
+    planned = [s.plan(run.state_before(s.name), c)
+               for run, c in zip(reference, ctxs) for s in steps]
+    work = {"partitions": sum(len(p.partitions) for p in planned),
+            "bytes_in": sum(p.bytes_in for p in planned),
+            pipeline.UNIT: sum(p.voxels for p in planned)}
+
+    def check(outputs):
+        for out, run in zip(outputs, reference):
+            checks.assert_outputs_match(out, run.state,
+                                        keys=checks.ALL_OUTPUTS if step == "pipeline" else None)
+
+    try:
+        bench(run_all, check=check, pipeline=dataset.pipeline, step=step, engine=engine,
+              dataset=dataset, reference_seconds=ref_seconds, work=work)
+    finally:
+        # Intermediate images are as big as the input (4.2 GB per HCP subject, 115 GB for
+        # 24 HiTS visits), and pytest keeps the temporary folders of its last three sessions.
+        for image in [*tmp_path.rglob("*.nii"), *tmp_path.rglob("*.fits")]:
+            image.unlink()
