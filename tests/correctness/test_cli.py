@@ -1,4 +1,4 @@
-"""The command a user runs on their own files writes the same NIfTI maps as the reference."""
+"""The command a user runs on their own files writes what the reference computes."""
 import json
 import subprocess
 import sys
@@ -7,9 +7,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
 
+from engines.reference import ReferenceEngine
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
+from pipelines.steps import RunContext
 from tests.neuro_checks import assert_outputs_match
 
 pytestmark = pytest.mark.correctness
@@ -34,3 +38,34 @@ def test_cli_writes_the_reference_maps(engine, tmp_path):
     assert np.allclose(nib.load(out / "fa.nii.gz").affine, nib.load(subject.dwi).affine)
     run = json.loads((out / "run.json").read_text())
     assert run["engine"] == engine.name and set(run["seconds"]) >= {"denoise", "fit_tensor"}
+
+
+def test_cli_astro_writes_the_reference_catalog(engine, tmp_path):
+    """A user's directory of CCD files: the command fits its own sky map around them."""
+    from astropy.table import Table
+
+    from pipelines import astro
+    from tests.astro_checks import assert_catalog_match, assert_fits_match
+
+    survey = load_dataset("survey-tiny").inputs[0]
+    out = tmp_path / "out"
+    sky = ["--pixel-scale", "0.333", "--patch-inner", "128", "--patch-border", "16"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "astro", "--engine", engine.name, "--workers",
+         "2", "--ccds", str(survey.directory), *sky, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The same run through the library, on the reference, is what the command must match.
+    state = astro.load_survey(survey.directory, pixel_scale_arcsec=0.333, patch_inner=128,
+                              patch_border=16)
+    ctx = RunContext(tmp_path / "ref", astro.AstroParams(), astro.AstroPartitioning())
+    want = astro.run_pipeline(ReferenceEngine().start(), state, ctx)
+    got = Table.read(out / "catalog.fits").as_array()
+    assert_catalog_match(got, want["catalog"], state["skymap"].pixel_scale_arcsec)
+    for patch, path in want["coadds"].items():
+        written = out / "coadd" / Path(path).name
+        assert_fits_match(f"coadd {patch}", written, path)
+        assert WCS(fits.getheader(written, "IMAGE")).has_celestial
+    run = json.loads((out / "run.json").read_text())
+    assert run["pipeline"] == "astro" and set(run["seconds"]) == {s.name for s in astro.STEPS}
+    assert run["skipped"] == []

@@ -6,8 +6,9 @@ from hypothesis import strategies as st
 
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
-from pipelines import neuro
+from pipelines import astro, neuro
 from pipelines.steps import RunContext
+from tests import astro_checks
 from tests.neuro_checks import assert_outputs_match
 
 pytestmark = pytest.mark.correctness
@@ -61,3 +62,53 @@ def test_any_volume_grouping_denoises_like_reference(engine, tiny, tmp_path):
         assert_outputs_match(result.outputs, tiny.state)
 
     check()
+
+
+@pytest.fixture(scope="module")
+def survey_tiny():
+    return reference_run(load_dataset("survey-tiny").inputs[0])
+
+
+def test_any_coadd_strip_height_matches_reference(engine, survey_tiny, tmp_path):
+    """A coadd task holds a strip of rows of every visit at once: its memory. Any strip
+    height, down to one row, gives the reference's coadds."""
+    state = survey_tiny.state_before("coadd")
+
+    @examples(6)
+    @given(st.integers(1, state["skymap"].patch_shape[0] + 5))
+    def check(rows):
+        ctx = RunContext(tmp_path, astro.AstroParams(),
+                         astro.AstroPartitioning(coadd_strip_rows=rows))
+        result = engine.run_step(astro.COADD, state, ctx)
+        astro_checks.assert_outputs_match(result.outputs, survey_tiny.state)
+
+    check()
+
+
+def test_coadd_memory_is_bounded_by_its_strip(tmp_path):
+    """The study's Dask ran out of memory at 24 visits. A coadd task here holds one strip
+    of rows of every visit at a time: with 12 visits, its peak allocation stays a small
+    fraction of the patch's whole stack of visits (what a naive coadd would hold)."""
+    import tracemalloc
+
+    from engines.reference import ReferenceEngine
+
+    survey = load_dataset("survey-tiny", visits=12).inputs[0]
+    state = survey.load_state()
+    ctx = RunContext(tmp_path, astro.AstroParams(), astro.AstroPartitioning())
+    engine = ReferenceEngine().start()
+    for step in (astro.CALIBRATE, astro.WARP):
+        state.update(engine.run_step(step, state, ctx).outputs)
+    plan = astro.COADD.plan(state, ctx)
+    patch, warps = plan.partitions[0]  # the patch with the most visits
+    assert len(warps) == 12
+    height, width = state["skymap"].patch_shape
+    whole_stack = len(warps) * 2 * height * width * 8  # image and variance, float64
+    tracemalloc.start()
+    try:
+        astro.coadd_kernel((patch, warps), **{**plan.shared, "strip_rows": 8})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < whole_stack / 3, f"peak {peak / 2**20:.1f} MiB, whole stack " \
+                                   f"{whole_stack / 2**20:.1f} MiB"
