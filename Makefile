@@ -1,5 +1,6 @@
 # Two commands set up a fresh machine and run the suite (Python 3.11+ and make needed):
-#   make bench   the perf suite on the default dataset with every local engine -> comparison table
+#   make bench   the perf suite on the default datasets (phantom-small, survey-small) with every
+#                local engine -> comparison tables
 #   make test    the correctness suite (in parallel), then a one-round smoke run of the perf suite
 PYTHON ?= python3
 VENV   ?= .venv
