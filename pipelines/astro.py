@@ -288,8 +288,8 @@ def load_survey(source, skymap: SkyMap | None = None, *, pixel_scale_arcsec: flo
     unique = []
     for ccd in found:
         if ccd.key in seen:
-            skipped.append((ccd.path, f"{ccd.path}: visit {ccd.visit} CCD {ccd.ccd} is "
-                                      f"already {seen[ccd.key]}"))
+            reason = f"{ccd.path}: visit {ccd.visit} CCD {ccd.ccd} is already {seen[ccd.key]}"
+            skipped.append((ccd.path, reason))
         else:
             seen[ccd.key] = ccd.path
             unique.append(ccd)
@@ -330,11 +330,10 @@ def calibrate_kernel(ccd: CcdInput, workdir: str, params: AstroParams):
     with fitsio.open_fits(ccd.path) as hdul:
         primary = hdul[0].header.copy()
         image_header = hdul["IMAGE"].header.copy()
-        bits = fitsio.mask_bits(hdul["MASK"].header)
+        bits = fitsio.with_default_planes(fitsio.mask_bits(hdul["MASK"].header))
         image = fitsio.read_plane(hdul, "IMAGE", path=ccd.path).astype(np.float32)
         mask = fitsio.read_plane(hdul, "MASK", path=ccd.path).astype(np.int32)
         variance = fitsio.read_plane(hdul, "VARIANCE", path=ccd.path).astype(np.float32)
-    bits = {**fitsio.DEFAULT_MASK_BITS, **bits}
     no_data = ~np.isfinite(image) | ~np.isfinite(variance) | (variance < 0)
     mask[no_data] |= 1 << bits["NO_DATA"]
     saturated = (mask & (1 << bits["SAT"])) != 0
@@ -633,7 +632,7 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams):
     # Matched filter: the image correlated with the PSF, its variance with the PSF squared,
     # both separable Gaussians; significance = filtered / sqrt(filtered variance).
     sigma = params.detect_kernel_fwhm / (2 * math.sqrt(2 * math.log(2)))
-    r = int(math.ceil(4 * sigma))
+    r = math.ceil(4 * sigma)
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
     filtered = correlate1d(correlate1d(data, k, 0, mode="constant"), k, 1, mode="constant")

@@ -28,6 +28,17 @@ def mask_bits(header) -> dict[str, int]:
     return named or dict(DEFAULT_MASK_BITS)
 
 
+def with_default_planes(bits: dict[str, int]) -> dict[str, int]:
+    """A file's named planes, plus the pipeline's planes it lacks, each of those on its
+    default bit when that is free and on the lowest free bit otherwise."""
+    bits = dict(bits)
+    for name, bit in DEFAULT_MASK_BITS.items():
+        if name not in bits:
+            used = set(bits.values())
+            bits[name] = bit if bit not in used else min(set(range(31)) - used)
+    return bits
+
+
 def bits_value(bits: dict[str, int], names) -> int:
     """The integer with the named mask planes set; planes a file does not name are 0."""
     return int(sum(1 << bits[n] for n in names if n in bits))

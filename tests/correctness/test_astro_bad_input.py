@@ -144,3 +144,33 @@ def test_cli_bad_directory_is_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_a_ccds_own_mask_planes_are_kept(survey, tmp_path):
+    """A camera that numbers its mask planes its own way (here SAT on bit 3, where the
+    pipeline's default CR plane sits): the calibrated CCD keeps the file's planes and puts
+    the planes it adds on free bits, so no flag is mistaken for another."""
+    from engines.reference import ReferenceEngine
+
+    ccds, skymap = survey
+    bad = first_ccd(ccds)
+
+    def renumber(hdul):
+        header, data = hdul["MASK"].header, hdul["MASK"].data
+        for key in [k for k in header if k.startswith("MASKBIT")]:
+            del header[key]
+        header["MASKBIT0"], header["MASKBIT3"] = "BAD", "SAT"
+        sat = (data & 2) != 0
+        data[:] = (data & 1) | np.where(sat, 8, 0)
+
+    edit(bad, renumber)
+    state = astro.load_survey(ccds, skymap)
+    ccd = next(c for c in state["ccds"] if Path(c.path).name == bad.name)
+    ctx = RunContext(tmp_path / "run", astro.AstroParams(), astro.AstroPartitioning())
+    out = ReferenceEngine().start().run_step(astro.CALIBRATE, {**state, "ccds": (ccd,)},
+                                             ctx).outputs
+    with fits.open(out["calexps"][ccd.key]) as hdul:
+        names = {v: int(k[7:]) for k, v in hdul["MASK"].header.items()
+                 if k.startswith("MASKBIT")}
+    assert names["SAT"] == 3 and names["BAD"] == 0
+    assert names["CR"] not in (0, 3) and len(set(names.values())) == len(names)

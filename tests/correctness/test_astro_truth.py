@@ -61,7 +61,7 @@ class Coadds:
         if patch not in self.files:
             return None, None, None
         x0, y0 = sm.patch_origin(patch)
-        return patch, int(round(tx - x0)), int(round(ty - y0))
+        return patch, round(tx - x0), round(ty - y0)
 
     def value(self, plane, tx, ty):
         patch, ix, iy = self.locate(tx, ty)

@@ -41,7 +41,7 @@ def patches_holding_points(x, y):
 @given(st.floats(-50, 650), st.floats(-50, 550), st.floats(5, 300), st.floats(5, 150),
        st.floats(0, math.pi))
 def test_a_ccd_maps_to_exactly_the_patches_it_overlaps(cx, cy, width, height, angle):
-    corners, (x, y) = footprint(cx, cy, width, height, angle)
+    corners, _ = footprint(cx, cy, width, height, angle)
     got = set(SKYMAP.patches_overlapping(corners))
     # Points filling the rectangle (a 41 x 41 grid): every patch one of them lands in must
     # be found, and nothing else may be (up to the grid's spacing, checked on the corners
