@@ -56,14 +56,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def suite_dataset(name: str, pipeline: str):
+    from fixtures.datasets import load_dataset
+    from pipelines.errors import InputError
+
+    dataset = load_dataset(name, pipeline=pipeline)
+    if dataset.pipeline != pipeline:
+        raise InputError(f"{name} is a dataset of the {dataset.pipeline} pipeline")
+    return dataset.inputs[0]
+
+
 def load_neuro(args):
     from pipelines import neuro
     from pipelines.errors import InputError
 
     if args.dataset:
-        from fixtures.datasets import load_dataset
-
-        files = load_dataset(args.dataset).inputs[0].files()
+        files = suite_dataset(args.dataset, "neuro").files()
     elif args.dwi and args.bvals and args.bvecs:
         files = (args.dwi, args.bvals, args.bvecs)
     else:
@@ -76,12 +84,7 @@ def load_astro(args):
     from pipelines.errors import InputError
 
     if args.dataset:
-        from fixtures.datasets import load_dataset
-
-        dataset = load_dataset(args.dataset)
-        if dataset.pipeline != "astro":
-            raise InputError(f"{args.dataset} is not a survey dataset")
-        survey = dataset.inputs[0]
+        survey = suite_dataset(args.dataset, "astro")
         return [str(survey.directory)], survey.load_state()
     if not args.ccds:
         raise InputError("give --ccds DIRECTORY, or --dataset")

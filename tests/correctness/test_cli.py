@@ -69,3 +69,13 @@ def test_cli_astro_writes_the_reference_catalog(engine, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["pipeline"] == "astro" and set(run["seconds"]) == {s.name for s in astro.STEPS}
     assert run["skipped"] == []
+
+
+@pytest.mark.parametrize("pipeline,name,other", [("astro", "phantom-tiny", "neuro"),
+                                                 ("neuro", "survey-tiny", "astro")])
+def test_cli_dataset_of_the_other_pipeline_is_one_line(pipeline, name, other, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines", pipeline, "--dataset", name,
+                           "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {name} is a dataset of the {other} pipeline"
