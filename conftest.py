@@ -26,6 +26,9 @@ from pipelines import PIPELINES  # noqa: E402
 from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
 
 TIMINGS = pytest.StashKey[list]()
+# Options an engine reads in `from_options` (each engine takes the ones that are its own).
+ENGINE_OPTIONS = ("dask_scheduler", "spark_master", "spark_driver_memory",
+                  "spark_executor_memory", "spark_partitions_per_core")
 
 
 def pytest_addoption(parser):
@@ -45,6 +48,16 @@ def pytest_addoption(parser):
                     help="workers of a local engine cluster (default: one per core)")
     group.addoption("--dask-scheduler", metavar="ADDRESS",
                     help="run Dask on this existing cluster instead of a local one")
+    group.addoption("--spark-master", metavar="URL",
+                    help="run Spark on this cluster (spark://host:7077) instead of "
+                         "local[N] (N = --workers)")
+    group.addoption("--spark-driver-memory", metavar="SIZE",
+                    help="Spark driver JVM heap, e.g. 4g (default 2g)")
+    group.addoption("--spark-executor-memory", metavar="SIZE",
+                    help="Spark executor JVM heap on a cluster, e.g. 4g (default 2g)")
+    group.addoption("--spark-partitions-per-core", type=int, metavar="N",
+                    help="RDD partitions per Spark core for a step (default 1, the "
+                         "study's best)")
     group.addoption("--rounds", type=int,
                     help="timed rounds per benchmark (default: as many as fit ~20 s, 1..10)")
 
@@ -108,7 +121,7 @@ def engine(request):
     config = request.config
     try:
         eng = create_engine(request.param, workers=config.getoption("workers"),
-                            dask_scheduler=config.getoption("dask_scheduler"))
+                            **{name: config.getoption(name) for name in ENGINE_OPTIONS})
         eng.start()  # start-up and warm-up happen here, outside every timed region
     except EngineUnavailable as exc:
         pytest.skip(f"engine {request.param} unavailable: {exc}")

@@ -13,6 +13,7 @@ from pipelines.errors import EngineUnavailable
 ENGINES = {
     "reference": ("engines.reference", "ReferenceEngine", None),
     "dask": ("engines.dask", "DaskEngine", "dask"),
+    "spark": ("engines.spark", "SparkEngine", "spark"),
 }
 
 

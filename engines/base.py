@@ -15,7 +15,7 @@ import platform
 import sys
 from typing import Any, Callable, ClassVar
 
-from pipelines.steps import RunContext, Step, StepRun
+from pipelines.steps import Plan, RunContext, Step, StepRun
 
 # The domain libraries whose versions go with every result.
 RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel", "astropy", "photutils", "reproject",
@@ -80,6 +80,11 @@ class Engine:
     def versions(self) -> dict[str, str]:
         return package_versions()
 
+    def worker_pids(self) -> list[int]:
+        """The processes on this machine that run kernels (for the fault-tolerance test);
+        empty where there is none to lose: the reference runs kernels in its caller."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Facts recorded with every result."""
         return {"engine": self.name, "workers": self.workers, "versions": self.versions()}
@@ -99,9 +104,13 @@ class Engine:
         if missing:
             raise ValueError(f"step {step.name} needs {missing}, which no earlier step made")
         plan = step.plan(state, ctx)
-        results = self.map(step.kernel, plan.partitions, plan.shared, label=step.name)
-        return StepRun(plan.combine(results), len(plan.partitions), plan.bytes_in,
-                       plan.voxels)
+        return StepRun(plan.combine(self.run_plan(step, plan)), len(plan.partitions),
+                       plan.bytes_in, plan.voxels)
+
+    def run_plan(self, step: Step, plan: Plan) -> list:
+        """The kernel's results for a planned step, in partition order; an engine with a
+        native shuffle runs `plan.shuffle` itself (results then in group-key order)."""
+        return self.map(step.kernel, plan.partitions, plan.shared, label=step.name)
 
     def _report(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:

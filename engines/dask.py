@@ -9,6 +9,7 @@ worker) and gathers the small results.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -105,6 +106,11 @@ class DaskEngine(Engine):
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+
+    def worker_pids(self):
+        if self.cluster is None:
+            return []  # an existing cluster's workers may be on other machines
+        return list(self.client.run(os.getpid).values())
 
     def versions(self):
         found = package_versions(RECORDED_PACKAGES)

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                             help="workers of a local engine cluster (default: one per core)")
         parser.add_argument("--dask-scheduler", metavar="ADDRESS",
                             help="use this existing Dask cluster")
+        parser.add_argument("--spark-master", metavar="URL",
+                            help="use this Spark cluster (spark://host:7077)")
+        parser.add_argument("--spark-driver-memory", metavar="SIZE",
+                            help="Spark driver heap (default 2g)")
+        parser.add_argument("--spark-executor-memory", metavar="SIZE",
+                            help="Spark executor heap on a cluster (default 2g)")
         parser.add_argument("--out", type=Path, required=True, help="output directory")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -130,8 +136,9 @@ def execute(args) -> dict:
         if not args.quiet:
             print(f"{name}: {s:.2f} s", file=sys.stderr)
 
-    with create_engine(args.engine, workers=args.workers,
-                       dask_scheduler=args.dask_scheduler) as engine:
+    options = {name: getattr(args, name) for name in (
+        "dask_scheduler", "spark_master", "spark_driver_memory", "spark_executor_memory")}
+    with create_engine(args.engine, workers=args.workers, **options) as engine:
         if not args.quiet:
             engine.progress = print_progress
             print(f"{engine.name} with {engine.workers} worker(s) on {inputs[0]}",

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import fitsio
 from .errors import InputError
-from .steps import Plan, RunContext, Step, run_steps
+from .steps import Plan, RunContext, Shuffle, Step, run_steps
 
 PIPELINE = "astro"
 UNIT = "pixels"  # what the work is counted in (Plan.voxels)
@@ -495,18 +495,23 @@ def _footprint_box(wcs_from, shape_from, wcs_to, shape_to, margin: int):
     return slice(y0, y1), slice(x0, x1)
 
 
+def _warp_emit(record):
+    visit, patches, calexp = record
+    return [((visit, patch), calexp) for patch in patches]
+
+
+def _warp_partition(key, calexps):
+    visit, patch = key
+    return visit, patch, tuple(calexps)
+
+
 def plan_warp(state, ctx: RunContext) -> Plan:
-    # The study's flatMap CCD -> (visit, patch) and group by (visit, patch).
-    groups: dict[tuple[int, Patch], list[str]] = {}
-    for ccd in state["ccds"]:
-        path = state["calexps"].get(ccd.key)
-        if path is None:
-            continue  # skipped at calibration
-        for patch in ccd.patches:
-            groups.setdefault((ccd.visit, patch), []).append(path)
-    # Groups with the most CCDs first, so that no worker is left with a big one at the end.
-    order = sorted(groups, key=lambda k: (-len(groups[k]), k))
-    parts = [(visit, patch, tuple(groups[(visit, patch)])) for visit, patch in order]
+    # The study's flatMap CCD -> (visit, patch) and group by (visit, patch); CCDs skipped
+    # at calibration have no calexp and take no part.
+    records = [(ccd.visit, ccd.patches, state["calexps"][ccd.key]) for ccd in state["ccds"]
+               if ccd.key in state["calexps"]]
+    shuffle = Shuffle(records, _warp_emit, _warp_partition)
+    parts = shuffle.groups()
 
     def combine(results):
         return {"warps": {(visit, patch): path for visit, patch, path in results if path}}
@@ -514,7 +519,8 @@ def plan_warp(state, ctx: RunContext) -> Plan:
     skymap = state["skymap"]
     return Plan(parts, {"skymap": skymap, "workdir": str(ctx.workdir), "params": ctx.params},
                 combine, bytes_in=_file_bytes(state["calexps"].values()),
-                voxels=len(parts) * skymap.patch_shape[0] * skymap.patch_shape[1])
+                voxels=len(parts) * skymap.patch_shape[0] * skymap.patch_shape[1],
+                shuffle=shuffle)
 
 
 # -- 3A coadd: per patch -------------------------------------------------------------------
@@ -573,11 +579,19 @@ def coadd_kernel(part, skymap: SkyMap, workdir: str, params: AstroParams, strip_
     return patch, str(path)
 
 
+def _coadd_emit(record):
+    (visit, patch), warp = record
+    return [(patch, (visit, warp))]
+
+
+def _coadd_partition(patch, visit_warps):
+    return patch, tuple(visit_warps)
+
+
 def plan_coadd(state, ctx: RunContext) -> Plan:
-    groups: dict[Patch, list[tuple[int, str]]] = {}
-    for (visit, patch), path in sorted(state["warps"].items()):
-        groups.setdefault(patch, []).append((visit, path))
-    order = sorted(groups, key=lambda p: (-len(groups[p]), p))
+    # Group the warps by patch, each patch's in visit order.
+    shuffle = Shuffle(sorted(state["warps"].items()), _coadd_emit, _coadd_partition)
+    parts = shuffle.groups()
     skymap = state["skymap"]
 
     def combine(results):
@@ -585,9 +599,9 @@ def plan_coadd(state, ctx: RunContext) -> Plan:
 
     shared = {"skymap": skymap, "workdir": str(ctx.workdir), "params": ctx.params,
               "strip_rows": ctx.partitioning.coadd_strip_rows}
-    return Plan([(p, tuple(groups[p])) for p in order], shared, combine,
-                bytes_in=_file_bytes(state["warps"].values()),
-                voxels=len(state["warps"]) * skymap.patch_shape[0] * skymap.patch_shape[1])
+    return Plan(parts, shared, combine, bytes_in=_file_bytes(state["warps"].values()),
+                voxels=len(state["warps"]) * skymap.patch_shape[0] * skymap.patch_shape[1],
+                shuffle=shuffle)
 
 
 # -- 4A detect: per coadd ------------------------------------------------------------------

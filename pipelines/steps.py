@@ -28,6 +28,30 @@ class RunContext:
     partitioning: Any  # the pipeline's partitioning (a frozen dataclass)
 
 
+@dataclass(frozen=True)
+class Shuffle:
+    """How a step regroups records by key: the study's flatMap and group-by (CCD ->
+    (visit, patch) to warp; (visit, patch) -> patch to co-add). `emit(record)` gives
+    (key, value) pairs; each group becomes the partition `make(key, values)`, its values
+    in record order. `groups()` does it on the client, for the plan's `partitions`; an
+    engine with a native shuffle (Spark's groupByKey) runs it in its workers instead.
+    Either way the step's `combine` sees the same partitions' results."""
+
+    records: list
+    emit: Callable[[Any], list]
+    make: Callable[[Any, list], Any]
+
+    def groups(self) -> list:
+        """The partitions, groups with the most values first (then by key), so that no
+        worker is left finishing a big group alone."""
+        grouped: dict[Any, list] = {}
+        for record in self.records:
+            for key, value in self.emit(record):
+                grouped.setdefault(key, []).append(value)
+        order = sorted(grouped, key=lambda k: (-len(grouped[k]), k))
+        return [self.make(key, grouped[key]) for key in order]
+
+
 @dataclass
 class Plan:
     partitions: list
@@ -35,6 +59,7 @@ class Plan:
     combine: Callable[[list], dict[str, Any]]
     bytes_in: int = 0  # bytes the step reads, for throughput figures
     voxels: int = 0  # image elements the step processes (voxels x volumes; pixels)
+    shuffle: Shuffle | None = None  # how `partitions` were grouped, for a native shuffle
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,418 @@
+"""Spark: PySpark pair RDDs, the study's Spark idiom.
+
+A step's fragments become a pair RDD keyed by fragment id; each value is the fragment's
+description (file paths, volume indices, a voxel block), and the kernel, run by
+`mapValues` in Spark's Python workers, reads its input by path and returns its result as
+ndarrays under the same key. The driver never loads the dataset. A step's small shared
+values (the brain mask, the parameters, the sky map) are one broadcast variable. A step
+that regroups records (warp: CCD -> (visit, patch); coadd: (visit, patch) -> patch) runs
+its flatMap and groupByKey as a Spark shuffle (`Plan.shuffle`).
+
+By default a `local[N,4]` session: N task slots (one per core), each task tried up to 4
+times, as `spark.task.maxFailures` does on a cluster (plain `local[N]` never retries).
+Or an existing cluster given its master URL (`spark://host:7077`). Needs Java 17+.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipelines.errors import EngineUnavailable
+
+from .base import RECORDED_PACKAGES, Engine, package_versions
+
+import pyspark  # noqa: E402  (ImportError here -> engine unavailable, with the extra)
+
+SUITE_ROOT = Path(__file__).resolve().parents[1]
+LOG_CONFIG = Path(__file__).resolve().parent / "spark-log4j2.properties"
+MIN_JAVA = 17
+TASK_ATTEMPTS = 4  # as spark.task.maxFailures' default on a cluster
+PARTITIONS_PER_CORE = 1  # the study's lesson, measured again here: see `partitions`
+
+
+def java_version(java: str) -> int | None:
+    """The major version `java -version` reports, or None when it cannot say."""
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True,
+                             timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not found:
+        return None
+    major = int(found.group(1))
+    return int(found.group(2)) if major == 1 else major  # "1.8" is Java 8
+
+
+def find_java() -> str:
+    """The `java` Spark will use (JAVA_HOME first, as Spark's launcher does), checked to
+    be 17 or newer; EngineUnavailable with the fix otherwise."""
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    how = ("install a JDK or JRE 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+           " and put java on PATH or set JAVA_HOME")
+    if not java or not Path(java).exists():
+        raise EngineUnavailable(f"Spark needs Java {MIN_JAVA}+ and found none: {how}")
+    version = java_version(java)
+    if version is None or version < MIN_JAVA:
+        raise EngineUnavailable(f"Spark needs Java {MIN_JAVA}+ but {java} is "
+                                f"{version or 'unknown'}: {how}")
+    return java
+
+
+def _master_reachable(master: str, timeout: float) -> None:
+    """A standalone master URL that accepts TCP connections; Spark itself would retry for
+    minutes before giving up."""
+    for address in master.removeprefix("spark://").split(","):
+        url = urlparse(f"spark://{address}")
+        try:
+            socket.create_connection((url.hostname, url.port or 7077), timeout).close()
+            return
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    raise EngineUnavailable(f"cannot reach the Spark master at {master}: {problem}")
+
+
+# -- what runs in the Python workers ----------------------------------------------------
+
+class KernelFailed:
+    """A kernel's exception, carried back as the fragment's value: Spark's retries are for
+    lost workers, and an error in the input fails the same way on every attempt."""
+
+    def __init__(self, exc: BaseException):
+        try:
+            import pickle
+            pickle.dumps(exc)
+            self.exc = exc
+        except Exception:  # an exception that cannot travel: keep its words
+            self.exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+_prepared = False
+
+
+def _prepare() -> str | None:
+    """Once per Python worker: the suite's imports and one BLAS thread (`prepare_worker`)."""
+    global _prepared
+    if _prepared:
+        return None
+    try:
+        from pipelines import prepare_worker
+    except ImportError as exc:
+        return f"{exc} (sys.path: {sys.path[:3]}...)"
+    problem = prepare_worker()
+    _prepared = problem is None
+    return problem
+
+
+def _run_kernel(fragment, kernel, shared):
+    _prepare()
+    try:
+        return kernel(fragment, **shared.value)
+    except Exception as exc:
+        return KernelFailed(exc)
+
+
+def _emit_indexed(indexed_record, emit):
+    """flatMap: record -> (group key, (record index, value)); the index keeps each group's
+    values in record order, whatever order the shuffle delivers them in."""
+    index, record = indexed_record
+    return [(key, (index, value)) for key, value in emit(record)]
+
+
+def _make_group(key_values, make):
+    key, values = key_values
+    return key, make(key, [value for _, value in sorted(values, key=lambda iv: iv[0])])
+
+
+def _worker_facts(_):
+    """Warm-up task: each Python worker imports the suite; says where it runs."""
+    return socket.gethostname(), os.getpid(), _prepare()
+
+
+# -- the engine --------------------------------------------------------------------------
+
+class SparkEngine(Engine):
+    name = "spark"
+
+    def __init__(self, workers: int | None = None, master: str | None = None,
+                 driver_memory: str = "2g", executor_memory: str = "2g",
+                 partitions_per_core: int = PARTITIONS_PER_CORE,
+                 connect_timeout: float = 30.0, task_attempts: int = TASK_ATTEMPTS):
+        super().__init__(workers)
+        self.master = master
+        self.driver_memory = driver_memory
+        self.executor_memory = executor_memory
+        self.partitions_per_core = partitions_per_core
+        self.connect_timeout = connect_timeout
+        self.task_attempts = task_attempts
+        self.cores = self.workers  # task slots in the cluster (an existing one may differ)
+        self.java: str | None = None
+        self.session = None
+        self.sc = None
+        self.failed_tasks = 0  # task attempts Spark retried, over the session
+
+    @classmethod
+    def from_options(cls, workers, options):
+        kwargs = {key: options[opt] for key, opt in (
+            ("master", "spark_master"), ("driver_memory", "spark_driver_memory"),
+            ("executor_memory", "spark_executor_memory"),
+            ("partitions_per_core", "spark_partitions_per_core")) if options.get(opt)}
+        return cls(workers=workers, **kwargs)
+
+    # -- session ------------------------------------------------------------------------
+    def _conf(self) -> dict[str, str]:
+        log = f"-Dlog4j2.configurationFile={LOG_CONFIG.as_uri()}"
+        pythonpath = os.pathsep.join(p for p in (str(SUITE_ROOT),
+                                                 os.environ.get("PYTHONPATH")) if p)
+        conf = {
+            "spark.app.name": "image-analytics-bench",
+            "spark.ui.enabled": "false",
+            "spark.ui.showConsoleProgress": "false",
+            "spark.driver.memory": self.driver_memory,
+            "spark.executor.memory": self.executor_memory,
+            "spark.driver.extraJavaOptions": log,
+            "spark.executor.extraJavaOptions": log,
+            # One reused Python process per task slot: imports are paid once, not per task.
+            "spark.python.worker.reuse": "true",
+            # The workers find the suite's modules (and run `python`, set in `start`).
+            "spark.executorEnv.PYTHONPATH": pythonpath,
+            "spark.task.maxFailures": str(self.task_attempts),
+            # Spark's own scheduling of small tasks: no locality wait for data we read
+            # from files by path (there is no HDFS block to wait for).
+            "spark.locality.wait": "0s",
+        }
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            conf[f"spark.executorEnv.{var}"] = "1"  # one BLAS thread per task slot
+        return conf
+
+    def start(self):
+        self.java = find_java()
+        # Python workers run this interpreter (the suite's venv), unless told otherwise;
+        # PySpark reads it from the environment when the context starts.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        if self.master:
+            if self.master.startswith("spark://"):
+                _master_reachable(self.master, self.connect_timeout)
+            master = self.master
+        else:
+            master = f"local[{self.workers},{self.task_attempts}]"
+            # A local session listens on loopback only (and Spark does not warn that the
+            # host name resolves to loopback).
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
+
+        conf = SparkConf().setMaster(master).setAll(list(self._conf().items()))
+        try:
+            self.session = SparkSession.builder.config(conf=conf).getOrCreate()
+        except Exception as exc:  # the JVM failed to start, or the master refused us
+            raise EngineUnavailable(f"Spark did not start on {master}: "
+                                    f"{str(exc).strip().splitlines()[0]}") from None
+        self.sc = self.session.sparkContext
+        self.sc.setLogLevel("ERROR")
+        if self.master:
+            self._wait_for_executors()
+        self.cores = self.sc.defaultParallelism
+        self._warm_up()
+        return self
+
+    def _wait_for_executors(self):
+        deadline = time.monotonic() + self.connect_timeout
+        while time.monotonic() < deadline:
+            # The driver is one of the block managers listed; executors are the rest.
+            executors = self.sc._jsc.sc().getExecutorMemoryStatus().size() - 1
+            if executors > 0:
+                self.workers = executors
+                return
+            time.sleep(0.2)
+        self.close()
+        raise EngineUnavailable(f"the Spark master at {self.master} gave this application "
+                                f"no executors within {self.connect_timeout:g} s (no "
+                                f"workers, or none with free cores and memory)")
+
+    def _warm_up(self):
+        """Start one Python worker per task slot and import the suite in each, outside
+        every timed region; a worker that cannot import the suite is a clear error."""
+        slots = self.cores
+        try:
+            facts = self.sc.parallelize(range(slots), slots).map(_worker_facts).collect()
+        except Exception as exc:
+            facts = [(None, None, _first_line(exc))]
+        problems = [p for _, _, p in facts if p]
+        if problems:
+            self.close()
+            raise EngineUnavailable(f"Spark's Python workers cannot import the suite "
+                                    f"({problems[0]}); on a cluster, install the suite's "
+                                    f"packages on every worker and set PYSPARK_PYTHON")
+
+    def close(self):
+        if self.session is not None:
+            self.session.stop()
+            self.session = None
+            self.sc = None
+
+    def worker_pids(self):
+        """Spark's Python workers: the processes the PySpark daemon forked (a local
+        session's JVM is this process's child; a cluster's are elsewhere)."""
+        import psutil
+
+        gateway = getattr(self.sc, "_gateway", None) if self.sc else None
+        if self.master or gateway is None or getattr(gateway, "proc", None) is None:
+            return []
+        daemons = [p for p in psutil.Process(gateway.proc.pid).children(recursive=True)
+                   if "pyspark.daemon" in " ".join(_cmdline(p))]
+        return [child.pid for d in daemons for child in d.children()]
+
+    def versions(self):
+        found = package_versions(RECORDED_PACKAGES)
+        for name in ("pyspark", "py4j"):
+            try:
+                found[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                found[name] = "not installed"
+        if self.sc is not None:
+            found["spark"] = self.sc.version
+        if self.java:
+            found["java"] = str(java_version(self.java))
+        return found
+
+    def describe(self):
+        facts = super().describe()
+        facts.update(cores=self.cores, partitions_per_core=self.partitions_per_core,
+                     master=self.master or f"local[{self.workers},{self.task_attempts}]")
+        return facts
+
+    # -- work ---------------------------------------------------------------------------
+    def partitions(self, fragments: int) -> int:
+        """RDD partitions for a step of `fragments` fragments. The study found Spark best
+        at one partition per core (its default gave one giant partition: 41.7 min against
+        6.2); never more partitions than fragments."""
+        return max(1, min(fragments, self.partitions_per_core * self.cores))
+
+    def map(self, kernel, partitions, shared, label):
+        n = self.partitions(len(partitions))
+        # Fragments are dealt round-robin into the RDD's partitions: plans put their
+        # biggest fragments first, and each partition gets a mix.
+        dealt = [[(i, partitions[i]) for i in range(p, len(partitions), n)]
+                 for p in range(n)]
+        rdd = self.sc.parallelize(dealt, n).flatMap(lambda fragments: fragments)
+        keyed = self._collect(rdd, kernel, shared, label)
+        return [keyed[i] for i in range(len(partitions))]
+
+    def run_step(self, step, state, ctx):
+        before = self.failed_tasks
+        run = super().run_step(step, state, ctx)
+        run.extra["retried_tasks"] = self.failed_tasks - before  # lost workers' tasks
+        return run
+
+    def run_plan(self, step, plan):
+        if plan.shuffle is None:
+            return super().run_plan(step, plan)
+        # The study's flatMap + group-by as a Spark shuffle: records -> (key, value) ->
+        # groups -> kernel, every stage in the workers; results in group-key order.
+        shuffle = plan.shuffle
+        n = self.partitions(len(plan.partitions))
+        records = self.sc.parallelize(list(enumerate(shuffle.records)), n)
+        groups = (records.flatMap(functools.partial(_emit_indexed, emit=shuffle.emit))
+                  .groupByKey(n)
+                  .map(functools.partial(_make_group, make=shuffle.make)))
+        keyed = self._collect(groups, step.kernel, plan.shared, step.name)
+        return [keyed[key] for key in sorted(keyed)]
+
+    def _collect(self, pairs, kernel, shared, label) -> dict:
+        """mapValues(kernel) over a pair RDD of fragments, collected as {key: result};
+        the first kernel error is raised here as itself."""
+        broadcast = self.sc.broadcast(shared)
+        group = f"{label}-{uuid.uuid4().hex[:8]}"
+        self.sc.setJobGroup(group, label)
+        watcher = _ProgressWatcher(self, group, label) if self.progress else None
+        try:
+            results = (pairs.mapValues(functools.partial(_run_kernel, kernel=kernel,
+                                                         shared=broadcast))
+                       .collect())
+        except Exception as exc:
+            raise RuntimeError(f"Spark failed in {label}: "
+                               f"{_first_line(exc)}") from None
+        finally:
+            if watcher:
+                watcher.stop()
+            self.failed_tasks += _failed_attempts(self.sc, group)
+            broadcast.destroy()
+        failures = [(k, r) for k, r in results if isinstance(r, KernelFailed)]
+        if failures:
+            raise min(failures, key=lambda kr: str(kr[0]))[1].exc
+        return dict(results)
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except Exception:  # it ended meanwhile
+        return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "Error" in line or "Exception" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _failed_attempts(sc, group: str) -> int:
+    tracker = sc.statusTracker()
+    failed = 0
+    for job in tracker.getJobIdsForGroup(group):
+        info = tracker.getJobInfo(job)
+        for stage in (info.stageIds if info else ()):
+            stage_info = tracker.getStageInfo(stage)
+            failed += stage_info.numFailedTasks if stage_info else 0
+    return failed
+
+
+class _ProgressWatcher:
+    """Reports the step's finished tasks (RDD partitions) twice a second while it runs."""
+
+    def __init__(self, engine: SparkEngine, group: str, label: str):
+        self.engine, self.group, self.label = engine, group, label
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _counts(self) -> tuple[int, int]:
+        tracker = self.engine.sc.statusTracker()
+        done = total = 0
+        for job in tracker.getJobIdsForGroup(self.group):
+            info = tracker.getJobInfo(job)
+            for stage in (info.stageIds if info else ()):
+                s = tracker.getStageInfo(stage)
+                if s:
+                    done, total = done + s.numCompletedTasks, total + s.numTasks
+        return done, total
+
+    def _watch(self):
+        last = None
+        while not self.done.wait(0.5):
+            counts = self._counts()
+            if counts != last and counts[1] and counts[0] < counts[1]:
+                self.engine._report(self.label, *counts)
+                last = counts
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        done, total = self._counts()
+        if total:
+            self.engine._report(self.label, total, total)

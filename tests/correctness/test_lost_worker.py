@@ -1,0 +1,67 @@
+"""Fault tolerance: a worker process killed in the middle of a step. An engine that
+survives it (Spark retries the task, Dask's scheduler reassigns it) must still give the
+reference's answer, with no help from the test."""
+import threading
+import time
+
+import psutil
+import pytest
+
+from fixtures.datasets import load_dataset
+from fixtures.reference import reference_run
+from pipelines import PIPELINES
+from pipelines.steps import RunContext
+from tests.checks import CHECKS
+
+pytestmark = [pytest.mark.correctness, pytest.mark.slow]
+
+
+class Killer(threading.Thread):
+    """Kills the first worker seen working (its CPU time grows), then stops watching."""
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.start_cpu = {p.pid: sum(p.cpu_times()[:2]) for p in self.procs}
+        self.stop_watching = threading.Event()
+        self.killed = None
+
+    def run(self):
+        while not self.stop_watching.is_set():
+            for proc in self.procs:
+                try:
+                    if sum(proc.cpu_times()[:2]) - self.start_cpu[proc.pid] > 0.05:
+                        proc.kill()
+                        self.killed = proc.pid
+                        return
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.01)
+
+
+def test_step_survives_a_killed_worker(engine, tmp_path):
+    pids = engine.worker_pids()
+    if not pids:
+        pytest.skip(f"{engine.name} has no worker process here to kill")
+    # The tiny phantom's denoising: ~1 s of work split over the workers, long enough for a
+    # worker to be caught mid-task.
+    run = reference_run(load_dataset("phantom-tiny").inputs[0])
+    pipeline = PIPELINES["neuro"]
+    step = pipeline.STEP_BY_NAME["denoise"]
+    killer = Killer(pids)
+    killer.start()
+    try:
+        result = engine.run_step(step, run.state_before("denoise"),
+                                 RunContext(tmp_path, pipeline.Params(),
+                                            pipeline.Partitioning()))
+    finally:
+        killer.stop_watching.set()
+        killer.join()
+    assert killer.killed is not None, "the step ended before a worker was caught working"
+    assert not psutil.pid_exists(killer.killed) or \
+        psutil.Process(killer.killed).status() == psutil.STATUS_ZOMBIE
+    CHECKS["neuro"].assert_outputs_match(result.outputs, run.state)
+    if "retried_tasks" in result.extra:  # an engine that counts its retries saw this one
+        assert result.extra["retried_tasks"] >= 1
+    # The engine still has its workers for the steps after this one.
+    assert engine.worker_pids()

@@ -1,0 +1,141 @@
+"""The suite against a real Spark standalone cluster: a master and two workers started
+here from pyspark's own `bin/spark-class`, as separate processes bound to 127.0.0.1, and
+used through `--spark-master` exactly as a user with a real cluster would."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.correctness, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+WORKERS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, procs, log: Path, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            assert all(p.poll() is None for p in procs), log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"nothing listens on {port} after {timeout} s"
+            time.sleep(0.3)
+
+
+def master_state(ui_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=10) as r:
+        return json.load(r)
+
+
+def stop(procs):
+    """By process id, even after a failure: each was started in its own session, so its
+    group holds the JVM and the executors it launched."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def spark_cluster(tmp_path):
+    pytest.importorskip("pyspark")
+    from engines.spark import find_java
+    from pipelines.errors import EngineUnavailable
+
+    try:
+        find_java()
+    except EngineUnavailable as exc:
+        pytest.skip(str(exc))
+    import pyspark
+
+    spark_class = Path(pyspark.__file__).parent / "bin" / "spark-class"
+    port, ui_port = free_port(), free_port()
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_NO_DAEMONIZE": "1",
+           "SPARK_HOME": str(spark_class.parents[1])}
+    log_path = tmp_path / "cluster.log"
+    log = open(log_path, "w")
+    procs = []
+
+    def launch(*args):
+        procs.append(subprocess.Popen(["bash", str(spark_class), *args], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True, cwd=tmp_path))
+
+    try:
+        launch("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+               "--port", str(port), "--webui-port", str(ui_port))
+        wait_for_port(port, procs, log_path)
+        wait_for_port(ui_port, procs, log_path)
+        master = f"spark://127.0.0.1:{port}"
+        for i in range(WORKERS):
+            launch("org.apache.spark.deploy.worker.Worker", master, "--host", "127.0.0.1",
+                   "--cores", "1", "--memory", "2g", "--webui-port", "0",
+                   "--work-dir", str(tmp_path / f"worker-{i}"))
+        deadline = time.monotonic() + 90
+        while len(master_state(ui_port)["workers"]) < WORKERS:
+            assert all(p.poll() is None for p in procs), log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the workers did not register in 90 s"
+            time.sleep(0.3)
+        yield master, ui_port
+    finally:
+        stop(procs)
+        log.close()
+
+
+def test_pipelines_run_through_spark_master_option(spark_cluster):
+    master, ui_port = spark_cluster
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/correctness/test_steps.py", "-q",
+         "-p", "no:cacheprovider", "--engine", "spark", "--spark-master", master,
+         "--spark-executor-memory", "1g",
+         "--dataset", "tiny"],  # both pipelines: phantom-tiny and survey-tiny
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    # neuro: 5 steps and the pipeline; astro: 4 steps and the pipeline
+    assert passed and int(passed.group(1)) == 11, tail
+    assert "skipped" not in proc.stdout and "failed" not in proc.stdout, tail
+    # The work ran on this cluster: one finished application, on both workers' cores.
+    state = master_state(ui_port)
+    apps = [a for a in state["completedapps"] if a["name"] == "image-analytics-bench"]
+    assert len(apps) == 1 and apps[0]["cores"] == WORKERS, state["completedapps"]
+    assert len(state["workers"]) == WORKERS and \
+        all(w["state"] == "ALIVE" for w in state["workers"]), state["workers"]
+
+
+def test_unreachable_master_is_one_line(tmp_path):
+    pytest.importorskip("pyspark")
+    from engines import create_engine
+    from engines.spark import find_java
+    from pipelines.errors import EngineUnavailable
+
+    try:
+        find_java()
+    except EngineUnavailable as exc:
+        pytest.skip(str(exc))
+    start = time.monotonic()
+    with pytest.raises(EngineUnavailable, match=r"cannot reach the Spark master at "
+                                                r"spark://127.0.0.1:\d+"):
+        create_engine("spark", spark_master=f"spark://127.0.0.1:{free_port()}").start()
+    assert time.monotonic() - start < 30
