@@ -15,6 +15,11 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q ".[all]"
+	@# Spark needs Java 17+: installed from Debian's packages where we may, else its tests skip.
+	@java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -q >/dev/null && apt-get install -y -q openjdk-17-jre-headless >/dev/null; } || \
+	  echo "note: no Java 17+ found; Spark is skipped (see README: Spark)"
 	touch $@
 
 bench: $(BIN)/.installed

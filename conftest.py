@@ -1,7 +1,7 @@
 """Session fixtures and options of the suite.
 
-Tests never branch on an engine's name: `engine` and `dataset` are session fixtures
-parametrized from `--engine` / `--dataset`, so one test body runs on every engine. An
+Tests never branch on an engine's name: `engine` and `dataset` are fixtures parametrized
+from `--engine` / `--dataset`, so one test body runs on every engine. An
 engine that cannot run here (package missing, cluster unreachable) is skipped with the
 reason; a step an engine declares in `not_implemented` becomes a strict xfail.
 """
@@ -74,8 +74,8 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "engine" in metafunc.fixturenames:
-        metafunc.parametrize("engine", config.getoption("engine") or list(ENGINES),
-                             indirect=True, scope="session")
+        # Function scope: `LiveEngine` keeps the engines' sessions, one at a time.
+        metafunc.parametrize("engine", engine_names(config), indirect=True)
     if "dataset" in metafunc.fixturenames:
         chosen = config.getoption("dataset")
         if not chosen:
@@ -101,8 +101,21 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize("dataset", names, indirect=True, scope="session")
 
 
+def engine_names(config) -> list[str]:
+    return config.getoption("engine") or list(ENGINES)
+
+
 def pytest_collection_modifyitems(config, items):
-    """A step an engine declares unimplemented must raise NotImplementedError: strict xfail."""
+    """Each engine's tests run together (in their collected order), so that each engine
+    starts once; a step an engine declares unimplemented must raise NotImplementedError:
+    strict xfail."""
+    rank = {name: i for i, name in enumerate(engine_names(config))}
+
+    def engine_rank(item):
+        params = getattr(item, "callspec", None) and item.callspec.params
+        return rank.get(params.get("engine"), -1) if params else -1
+
+    items.sort(key=engine_rank)  # stable: tests without an engine first, as collected
     for item in items:
         params = getattr(item, "callspec", None) and item.callspec.params
         if not params or "engine" not in params or "step" not in params:
@@ -116,17 +129,49 @@ def pytest_collection_modifyitems(config, items):
                                               reason=f"{params['engine']}: {reason}"))
 
 
+class LiveEngine:
+    """The engines of a test session, one alive at a time: starting one closes the one
+    before, so that an idle cluster's processes (their memory, their heartbeats) are
+    never part of another engine's measurements. An engine that cannot start is skipped
+    with its reason, tried once."""
+
+    def __init__(self, config):
+        self.config = config
+        self.current = None
+        self.unavailable: dict[str, str] = {}
+
+    def get(self, name: str):
+        if self.current is not None and self.current.name == name:
+            return self.current
+        if name in self.unavailable:
+            pytest.skip(self.unavailable[name])
+        self.close()
+        try:
+            eng = create_engine(name, workers=self.config.getoption("workers"),
+                                **{opt: self.config.getoption(opt) for opt in ENGINE_OPTIONS})
+            # start-up and warm-up happen here, outside every timed region
+            self.current = eng.start()
+        except EngineUnavailable as exc:
+            self.unavailable[name] = f"engine {name} unavailable: {exc}"
+            pytest.skip(self.unavailable[name])
+        return self.current
+
+    def close(self):
+        if self.current is not None:
+            current, self.current = self.current, None
+            current.close()
+
+
 @pytest.fixture(scope="session")
-def engine(request):
-    config = request.config
-    try:
-        eng = create_engine(request.param, workers=config.getoption("workers"),
-                            **{name: config.getoption(name) for name in ENGINE_OPTIONS})
-        eng.start()  # start-up and warm-up happen here, outside every timed region
-    except EngineUnavailable as exc:
-        pytest.skip(f"engine {request.param} unavailable: {exc}")
-    yield eng
-    eng.close()
+def live_engine(request):
+    live = LiveEngine(request.config)
+    yield live
+    live.close()
+
+
+@pytest.fixture
+def engine(request, live_engine):
+    return live_engine.get(request.param)
 
 
 @contextlib.contextmanager

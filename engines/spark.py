@@ -38,6 +38,7 @@ SUITE_ROOT = Path(__file__).resolve().parents[1]
 LOG_CONFIG = Path(__file__).resolve().parent / "spark-log4j2.properties"
 MIN_JAVA = 17
 TASK_ATTEMPTS = 4  # as spark.task.maxFailures' default on a cluster
+DAEMON_MODULE = "engines.spark_daemon"
 PARTITIONS_PER_CORE = 1  # the study's lesson, measured again here: see `partitions`
 
 
@@ -184,8 +185,10 @@ class SparkEngine(Engine):
             "spark.executor.memory": self.executor_memory,
             "spark.driver.extraJavaOptions": log,
             "spark.executor.extraJavaOptions": log,
-            # One reused Python process per task slot: imports are paid once, not per task.
+            # One reused Python process per task slot: imports are paid once, not per task;
+            # and workers forked from a daemon that imported the kernels already.
             "spark.python.worker.reuse": "true",
+            "spark.python.daemon.module": DAEMON_MODULE,
             # The workers find the suite's modules (and run `python`, set in `start`).
             "spark.executorEnv.PYTHONPATH": pythonpath,
             "spark.task.maxFailures": str(self.task_attempts),
@@ -211,9 +214,13 @@ class SparkEngine(Engine):
             # A local session listens on loopback only (and Spark does not warn that the
             # host name resolves to loopback).
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        from pyspark import SparkConf
+        from pyspark import SparkConf, SparkContext
         from pyspark.sql import SparkSession
 
+        if SparkContext._active_spark_context is not None:
+            # getOrCreate would hand back that context, with its settings, not ours.
+            raise EngineUnavailable("a SparkContext is already running in this process; "
+                                    "close the other Spark engine first")
         conf = SparkConf().setMaster(master).setAll(list(self._conf().items()))
         try:
             self.session = SparkSession.builder.config(conf=conf).getOrCreate()
@@ -228,15 +235,23 @@ class SparkEngine(Engine):
         self._warm_up()
         return self
 
-    def _wait_for_executors(self):
+    def _wait_for_executors(self, settle: float = 2.0):
+        """Until the cluster's executors have registered: the first, then no new one for
+        `settle` seconds (partition counts follow the cores they bring)."""
         deadline = time.monotonic() + self.connect_timeout
+        seen, since = 0, time.monotonic()
         while time.monotonic() < deadline:
             # The driver is one of the block managers listed; executors are the rest.
             executors = self.sc._jsc.sc().getExecutorMemoryStatus().size() - 1
-            if executors > 0:
-                self.workers = executors
+            if executors != seen:
+                seen, since = executors, time.monotonic()
+            elif seen and time.monotonic() - since >= settle:
+                self.workers = seen
                 return
             time.sleep(0.2)
+        if seen:
+            self.workers = seen
+            return
         self.close()
         raise EngineUnavailable(f"the Spark master at {self.master} gave this application "
                                 f"no executors within {self.connect_timeout:g} s (no "
@@ -272,7 +287,7 @@ class SparkEngine(Engine):
         if self.master or gateway is None or getattr(gateway, "proc", None) is None:
             return []
         daemons = [p for p in psutil.Process(gateway.proc.pid).children(recursive=True)
-                   if "pyspark.daemon" in " ".join(_cmdline(p))]
+                   if DAEMON_MODULE in _cmdline(p)]
         return [child.pid for d in daemons for child in d.children()]
 
     def versions(self):
