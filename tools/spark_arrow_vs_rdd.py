@@ -2,13 +2,15 @@
 the engine's pair-RDD path (pickled Python objects) against a DataFrame `mapInArrow`
 path (Arrow record batches holding the same values as binary columns).
 
+    .venv/bin/pip install pyarrow 'pandas>=2.2'   # mapInArrow needs both; the suite neither
     .venv/bin/python tools/spark_arrow_vs_rdd.py [dataset] [step ...]
 
 Checks that both give the reference's answer, then prints the median of 5 runs of each.
 The engine keeps the RDD path: on our steps the values that cross the JVM are small
 (fragment descriptions in; sums, sigma lists and FA/MD blocks out), so what decides is
 the fixed cost of a job, and a DataFrame job adds Catalyst planning and Arrow conversion
-to it. Figures are in the issue notes and the README.
+to it. On phantom-small with 2 cores (Spark 4.3.0): mean_b0 0.159 s by RDD, 0.259 s by
+Arrow; noise_sigma 0.244 / 0.373 s; fit_tensor 0.579 / 0.733 s.
 """
 from __future__ import annotations
 
