@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -28,11 +29,11 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyspark  # noqa: F401  (missing: the registry says "pip install '.[spark]'")
+
 from pipelines.errors import EngineUnavailable
 
 from .base import RECORDED_PACKAGES, Engine, package_versions
-
-import pyspark  # noqa: E402  (ImportError here -> engine unavailable, with the extra)
 
 SUITE_ROOT = Path(__file__).resolve().parents[1]
 LOG_CONFIG = Path(__file__).resolve().parent / "spark-log4j2.properties"
@@ -93,7 +94,6 @@ class KernelFailed:
 
     def __init__(self, exc: BaseException):
         try:
-            import pickle
             pickle.dumps(exc)
             self.exc = exc
         except Exception:  # an exception that cannot travel: keep its words
@@ -160,6 +160,7 @@ class SparkEngine(Engine):
         self.task_attempts = task_attempts
         self.cores = self.workers  # task slots in the cluster (an existing one may differ)
         self.java: str | None = None
+        self.java_major: int | None = None
         self.session = None
         self.sc = None
         self.failed_tasks = 0  # task attempts Spark retried, over the session
@@ -202,6 +203,7 @@ class SparkEngine(Engine):
 
     def start(self):
         self.java = find_java()
+        self.java_major = java_version(self.java)
         # Python workers run this interpreter (the suite's venv), unless told otherwise;
         # PySpark reads it from the environment when the context starts.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -300,7 +302,7 @@ class SparkEngine(Engine):
         if self.sc is not None:
             found["spark"] = self.sc.version
         if self.java:
-            found["java"] = str(java_version(self.java))
+            found["java"] = str(self.java_major)
         return found
 
     def describe(self):
