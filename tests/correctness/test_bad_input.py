@@ -1,7 +1,6 @@
 """Bad input gets one clear line, from load time or from inside an engine's workers,
 never a hang, a traceback wall or a silently wrong number."""
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from fixtures.datasets import load_dataset
 from pipelines import neuro
 from pipelines.errors import EngineUnavailable, InputError
 from pipelines.steps import RunContext
+from tests.processes import free_port
 
 pytestmark = pytest.mark.correctness
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,12 +105,6 @@ def test_nan_in_image_found_by_the_workers(engine, subject, tmp_path, volume):
     with pytest.raises(InputError, match=f"volume {volume} holds 1 NaN") as err:
         run(engine, subject, tmp_path / "out")
     one_line(err)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_dask_scheduler():

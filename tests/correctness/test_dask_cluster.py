@@ -4,13 +4,14 @@ real cluster would."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,18 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def start(args, log, env):
     return subprocess.Popen([sys.executable, "-m", "dask", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ used through `--spark-master` exactly as a user with a real cluster would."""
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -14,15 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port, stop
+
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, procs, log: Path, timeout: float = 90):
@@ -40,20 +35,6 @@ def wait_for_port(port: int, procs, log: Path, timeout: float = 90):
 def master_state(ui_port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=10) as r:
         return json.load(r)
-
-
-def stop(procs):
-    """By process id, even after a failure: each was started in its own session, so its
-    group holds the JVM and the executors it launched."""
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
