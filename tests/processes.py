@@ -24,3 +24,26 @@ def stop(procs, timeout: float = 20):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def run_step_tests_on_tiny(*engine_args: str) -> str:
+    """`tests/correctness/test_steps.py` on both tiny datasets, in a fresh pytest with
+    `engine_args` (e.g. an engine and its cluster's address); asserts that every test
+    ran and passed, and returns pytest's output."""
+    import re
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/correctness/test_steps.py", "-q",
+         "-p", "no:cacheprovider", *engine_args,
+         "--dataset", "tiny"],  # both pipelines: phantom-tiny and survey-tiny
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=900)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    # neuro: 5 steps and the pipeline; astro: 4 steps and the pipeline
+    assert passed and int(passed.group(1)) == 11, tail
+    assert "skipped" not in proc.stdout and "failed" not in proc.stdout, tail
+    return proc.stdout

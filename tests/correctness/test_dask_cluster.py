@@ -3,7 +3,6 @@ separate processes on 127.0.0.1, used through `--dask-scheduler` exactly as a us
 real cluster would."""
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import stop
+from tests.processes import run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,17 +51,7 @@ def dask_cluster(tmp_path):
 def test_pipeline_runs_through_dask_scheduler_option(dask_cluster):
     import distributed
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/correctness/test_steps.py", "-q",
-         "-p", "no:cacheprovider", "--engine", "dask", "--dask-scheduler", dask_cluster,
-         "--dataset", "tiny"],  # both pipelines: phantom-tiny and survey-tiny
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    # neuro: 5 steps and the pipeline; astro: 4 steps and the pipeline
-    assert passed and int(passed.group(1)) == 11, tail
-    assert "skipped" not in proc.stdout and "failed" not in proc.stdout, tail
+    run_step_tests_on_tiny("--engine", "dask", "--dask-scheduler", dask_cluster)
     with distributed.Client(dask_cluster, timeout="30s") as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
         assert len(client.scheduler_info()["workers"]) == 2

@@ -3,20 +3,17 @@ here from pyspark's own `bin/spark-class`, as separate processes bound to 127.0.
 used through `--spark-master` exactly as a user with a real cluster would."""
 import json
 import os
-import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.processes import free_port, stop
+from tests.processes import free_port, run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
 
 
@@ -85,18 +82,8 @@ def spark_cluster(tmp_path):
 
 def test_pipelines_run_through_spark_master_option(spark_cluster):
     master, ui_port = spark_cluster
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/correctness/test_steps.py", "-q",
-         "-p", "no:cacheprovider", "--engine", "spark", "--spark-master", master,
-         "--spark-executor-memory", "1g",
-         "--dataset", "tiny"],  # both pipelines: phantom-tiny and survey-tiny
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    # neuro: 5 steps and the pipeline; astro: 4 steps and the pipeline
-    assert passed and int(passed.group(1)) == 11, tail
-    assert "skipped" not in proc.stdout and "failed" not in proc.stdout, tail
+    run_step_tests_on_tiny("--engine", "spark", "--spark-master", master,
+                           "--spark-executor-memory", "1g")
     # The work ran on this cluster: one finished application, on both workers' cores.
     state = master_state(ui_port)
     apps = [a for a in state["completedapps"] if a["name"] == "image-analytics-bench"]
