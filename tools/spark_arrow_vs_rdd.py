@@ -9,8 +9,8 @@ Checks that both give the reference's answer, then prints the median of 5 runs o
 The engine keeps the RDD path: on our steps the values that cross the JVM are small
 (fragment descriptions in; sums, sigma lists and FA/MD blocks out), so what decides is
 the fixed cost of a job, and a DataFrame job adds Catalyst planning and Arrow conversion
-to it. On phantom-small with 2 cores (Spark 4.3.0): mean_b0 0.159 s by RDD, 0.259 s by
-Arrow; noise_sigma 0.244 / 0.373 s; fit_tensor 0.579 / 0.733 s.
+to it. On phantom-small with 2 cores (Spark 4.3.0): mean_b0 0.081 s by RDD, 0.155 s by
+Arrow; noise_sigma 0.149 / 0.219 s; fit_tensor 0.573 / 0.600 s.
 """
 from __future__ import annotations
 
