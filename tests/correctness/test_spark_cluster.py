@@ -34,8 +34,8 @@ def master_state(ui_port: int) -> dict:
         return json.load(r)
 
 
-@pytest.fixture
-def spark_cluster(tmp_path):
+def spark_runnable():
+    """Skip, with the reason, where pyspark or Java 17+ is missing."""
     pytest.importorskip("pyspark")
     from engines.spark import find_java
     from pipelines.errors import EngineUnavailable
@@ -44,6 +44,11 @@ def spark_cluster(tmp_path):
         find_java()
     except EngineUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def spark_cluster(tmp_path):
+    spark_runnable()
     import pyspark
 
     spark_class = Path(pyspark.__file__).parent / "bin" / "spark-class"
@@ -93,15 +98,10 @@ def test_pipelines_run_through_spark_master_option(spark_cluster):
 
 
 def test_unreachable_master_is_one_line(tmp_path):
-    pytest.importorskip("pyspark")
+    spark_runnable()
     from engines import create_engine
-    from engines.spark import find_java
     from pipelines.errors import EngineUnavailable
 
-    try:
-        find_java()
-    except EngineUnavailable as exc:
-        pytest.skip(str(exc))
     start = time.monotonic()
     with pytest.raises(EngineUnavailable, match=r"cannot reach the Spark master at "
                                                 r"spark://127.0.0.1:\d+"):
