@@ -3,7 +3,8 @@
 Tests never branch on an engine's name: `engine` and `dataset` are fixtures parametrized
 from `--engine` / `--dataset`, so one test body runs on every engine. An
 engine that cannot run here (package missing, cluster unreachable) is skipped with the
-reason; a step an engine declares in `not_implemented` becomes a strict xfail.
+reason; a step an engine declares in `not_implemented` is an expected failure wherever a
+test runs it (strict where the test is parametrized by that step).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import pytest  # noqa: E402
 
-from engines import ENGINES, create_engine, engine_class  # noqa: E402
-from engines.base import print_progress  # noqa: E402
+from engines import ENGINES, create_engine, engine_class, engine_options  # noqa: E402
+from engines.base import StepNotImplemented, print_progress  # noqa: E402
 from fixtures import comparison, datasets  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
@@ -26,9 +27,6 @@ from pipelines import PIPELINES  # noqa: E402
 from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
 
 TIMINGS = pytest.StashKey[list]()
-# Options an engine reads in `from_options` (each engine takes the ones that are its own).
-ENGINE_OPTIONS = ("dask_scheduler", "spark_master", "spark_driver_memory",
-                  "spark_executor_memory", "spark_partitions_per_core")
 
 
 def pytest_addoption(parser):
@@ -46,18 +44,8 @@ def pytest_addoption(parser):
                          "the scale's own)")
     group.addoption("--workers", type=int, default=None,
                     help="workers of a local engine cluster (default: one per core)")
-    group.addoption("--dask-scheduler", metavar="ADDRESS",
-                    help="run Dask on this existing cluster instead of a local one")
-    group.addoption("--spark-master", metavar="URL",
-                    help="run Spark on this cluster (spark://host:7077) instead of "
-                         "local[N] (N = --workers)")
-    group.addoption("--spark-driver-memory", metavar="SIZE",
-                    help="Spark driver JVM heap, e.g. 4g (default 2g)")
-    group.addoption("--spark-executor-memory", metavar="SIZE",
-                    help="Spark executor JVM heap on a cluster, e.g. 4g (default 2g)")
-    group.addoption("--spark-partitions-per-core", type=int, metavar="N",
-                    help="RDD partitions per Spark core for a step (default 1, the "
-                         "study's best)")
+    for option in engine_options():  # each engine's own, declared in engines/__init__.py
+        option.add_to(group.addoption)
     group.addoption("--rounds", type=int,
                     help="timed rounds per benchmark (default: as many as fit ~20 s, 1..10)")
 
@@ -107,8 +95,8 @@ def engine_names(config) -> list[str]:
 
 def pytest_collection_modifyitems(config, items):
     """Each engine's tests run together (in their collected order), so that each engine
-    starts once; a step an engine declares unimplemented must raise NotImplementedError:
-    strict xfail."""
+    starts once; a test parametrized by a step its engine declares unimplemented must
+    raise StepNotImplemented: strict xfail."""
     rank = {name: i for i, name in enumerate(engine_names(config))}
 
     def engine_rank(item):
@@ -125,8 +113,21 @@ def pytest_collection_modifyitems(config, items):
         except EngineUnavailable:
             continue  # the engine fixture skips it with the reason
         if reason:
-            item.add_marker(pytest.mark.xfail(raises=NotImplementedError, strict=True,
+            item.add_marker(pytest.mark.xfail(raises=StepNotImplemented, strict=True,
                                               reason=f"{params['engine']}: {reason}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Any test that runs a step its engine declares unimplemented (a CLI run, a bad-input
+    test) is an expected failure with the engine's reason, not an error: what an engine
+    cannot do is declared once, in the engine, and reaches every test."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(StepNotImplemented) \
+            and not hasattr(report, "wasxfail"):
+        report.outcome = "skipped"
+        report.wasxfail = f"reason: {call.excinfo.value}"
 
 
 class LiveEngine:
@@ -148,7 +149,8 @@ class LiveEngine:
         self.close()
         try:
             eng = create_engine(name, workers=self.config.getoption("workers"),
-                                **{opt: self.config.getoption(opt) for opt in ENGINE_OPTIONS})
+                                **{opt.dest: self.config.getoption(opt.dest)
+                                   for opt in engine_options()})
             # start-up and warm-up happen here, outside every timed region
             self.current = eng.start()
         except EngineUnavailable as exc:

@@ -1,33 +1,92 @@
 """How it is computed: one module per engine behind `engines.base.Engine`.
 
 Engines are imported lazily, so a missing optional package makes only that engine
-unavailable, with the reason and the install command.
+unavailable, with the reason and the install command. Each engine's own command-line
+options are declared here, once: pytest (`conftest.py`) and the CLI (`python -m
+pipelines`) both build theirs from this table, and an option exists even where its
+engine's package is not installed.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from pipelines.errors import EngineUnavailable
 
-# name -> (module, class, the pyproject extra that installs it)
+
+@dataclass(frozen=True)
+class Option:
+    """One engine option: `--flag VALUE` on the command line, `keyword=` to the engine."""
+
+    flag: str
+    keyword: str
+    help: str
+    metavar: str | None = None
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, add_argument) -> None:
+        """Declare it through an argparse `add_argument` or pytest's `addoption`."""
+        add_argument(self.flag, metavar=self.metavar, type=self.type, choices=self.choices,
+                     help=self.help, default=None)
+
+
+@dataclass(frozen=True)
+class Entry:
+    module: str
+    cls: str
+    extra: str | None  # the pyproject extra that installs it
+    options: tuple[Option, ...] = ()
+
+
 ENGINES = {
-    "reference": ("engines.reference", "ReferenceEngine", None),
-    "dask": ("engines.dask", "DaskEngine", "dask"),
-    "spark": ("engines.spark", "SparkEngine", "spark"),
+    "reference": Entry("engines.reference", "ReferenceEngine", None),
+    "dask": Entry("engines.dask", "DaskEngine", "dask", (
+        Option("--dask-scheduler", "scheduler", "run Dask on this existing cluster instead "
+               "of a local one", metavar="ADDRESS"),)),
+    "spark": Entry("engines.spark", "SparkEngine", "spark", (
+        Option("--spark-master", "master", "run Spark on this cluster (spark://host:7077) "
+               "instead of local[N] (N = --workers)", metavar="URL"),
+        Option("--spark-driver-memory", "driver_memory", "Spark driver JVM heap, e.g. 4g "
+               "(default 2g)", metavar="SIZE"),
+        Option("--spark-executor-memory", "executor_memory", "Spark executor JVM heap on a "
+               "cluster, e.g. 4g (default 2g)", metavar="SIZE"),
+        Option("--spark-partitions-per-core", "partitions_per_core", "RDD partitions per "
+               "Spark core for a step (default 1, the study's best)", metavar="N", type=int),
+    )),
+    "tensorflow": Entry("engines.tf", "TensorFlowEngine", "tensorflow", (
+        Option("--tf-precision", "precision", "floating point of TensorFlow's heavy steps "
+               "(default float64, which matches the reference to its own bounds; float32 "
+               "is faster, within the bounds stated in engines/tf)",
+               choices=("float64", "float32")),
+    )),
 }
+
+
+def engine_options() -> list[Option]:
+    """Every engine's options, in table order."""
+    return [opt for entry in ENGINES.values() for opt in entry.options]
 
 
 def engine_class(name: str):
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
-    module, cls, extra = ENGINES[name]
+    entry = ENGINES[name]
     try:
-        return getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(entry.module), entry.cls)
     except ImportError as exc:
-        hint = f" (pip install '.[{extra}]')" if extra else ""
+        hint = f" (pip install '.[{entry.extra}]')" if entry.extra else ""
         raise EngineUnavailable(f"{name}: {exc.name or exc} is not installed{hint}") from None
 
 
 def create_engine(name: str, workers: int | None = None, **options):
-    """An engine built from the suite's options; call `.start()` (or use `with`) to open it."""
-    return engine_class(name).from_options(workers, options)
+    """An engine built from the suite's options (`Option.dest` -> value, None for not
+    given; each engine takes its own); call `.start()` (or use `with`) to open it."""
+    own = {opt.keyword: options[opt.dest] for opt in ENGINES[name].options
+           if options.get(opt.dest) is not None} if name in ENGINES else {}
+    return engine_class(name)(workers=workers, **own)

@@ -1,11 +1,18 @@
 """The one interface every engine implements.
 
-An engine opens a session (`start`), runs a pipeline step (`run_step`), and closes. The
-default `run_step` plans the step on the client and hands its kernel and partitions to
-`map`, the single primitive a Python-running engine must provide; an engine that has to
-re-express a step natively (TensorFlow, SciDB's AFL) overrides `run_step` for that step.
-What an engine cannot do it lists once in `not_implemented`, with the reason; the tests
-turn that into a strict expected failure, so the capability matrix stays truthful.
+An engine opens a session (`start`), runs a pipeline step (`run_step`), and closes.
+`run_step` holds the whole contract of a step in one place: the capability check, the
+input check, the plan (made on the client, cheap), the run, and the check that the step
+made exactly the outputs it declares. The run itself is either the suite's kernels,
+handed with the plan's partitions to `map` (the single primitive a Python-running engine
+provides), or the engine's own native implementation of that step: a method marked
+`@native("step")`, given the same plan, returning the step's outputs.
+
+What an engine cannot do it lists once in `not_implemented`, with the reason; running such
+a step raises `StepNotImplemented`, which the tests report as an expected failure, so the
+capability matrix stays truthful. How close an engine's outputs must come to the
+reference's is declared per step, with the reason, by `tolerance` (engines that run the
+suite's own kernels keep `engines.tolerances.SAME_KERNELS`).
 """
 from __future__ import annotations
 
@@ -17,11 +24,35 @@ from typing import Any, Callable, ClassVar
 
 from pipelines.steps import Plan, RunContext, Step, StepRun
 
+from .tolerances import SAME_KERNELS, Tolerance
+
 # The domain libraries whose versions go with every result.
 RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel", "astropy", "photutils", "reproject",
                      "astroscrappy")
 
 Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
+# A native step: (engine, step, state, ctx, plan) -> the step's outputs.
+NativeStep = Callable[["Engine", Step, dict, RunContext, Plan], dict]
+
+
+class StepNotImplemented(NotImplementedError):
+    """An engine was asked for a step it declares in `not_implemented`."""
+
+    def __init__(self, engine: str, step: str, reason: str):
+        super().__init__(f"{engine} does not implement {step}: {reason}")
+        self.engine, self.step, self.reason = engine, step, reason
+
+
+class StepContractError(RuntimeError):
+    """An engine's step made other outputs than the step declares: an engine bug."""
+
+
+def native(*steps: str):
+    """Mark an engine method as its own implementation of the named steps."""
+    def mark(method):
+        method.native_for = steps
+        return method
+    return mark
 
 
 def usable_cores() -> int:
@@ -51,17 +82,22 @@ def package_versions(names=RECORDED_PACKAGES) -> dict[str, str]:
 
 class Engine:
     name: ClassVar[str]
-    # step name -> why this engine cannot run it (raises NotImplementedError with it)
+    # step name -> why this engine cannot run it (running it raises StepNotImplemented)
     not_implemented: ClassVar[dict[str, str]] = {}
+    # step name -> the engine's native implementation (collected from @native methods)
+    native_steps: ClassVar[dict[str, NativeStep]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        found = dict(cls.native_steps)
+        for attr in vars(cls).values():
+            for step in getattr(attr, "native_for", ()):
+                found[step] = attr
+        cls.native_steps = found
 
     def __init__(self, workers: int | None = None):
         self.workers = workers or usable_cores()
         self.progress: Progress | None = None
-
-    @classmethod
-    def from_options(cls, workers: int | None, options: dict[str, Any]) -> "Engine":
-        """Build from the suite's command-line options (--workers, --dask-scheduler, ...)."""
-        return cls(workers=workers)
 
     # -- session ------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -89,28 +125,56 @@ class Engine:
         """Facts recorded with every result."""
         return {"engine": self.name, "workers": self.workers, "versions": self.versions()}
 
+    @classmethod
+    def capability(cls, step: str) -> str:
+        """How this engine runs `step`: 'kernels' (the suite's Python kernels), 'native'
+        (its own implementation) or 'not implemented: <reason>'."""
+        if step in cls.not_implemented:
+            return f"not implemented: {cls.not_implemented[step]}"
+        return "native" if step in cls.native_steps else "kernels"
+
+    @classmethod
+    def check_implements(cls, steps) -> None:
+        """Raise StepNotImplemented for the first of `steps` this engine cannot run: a
+        whole pipeline is refused before any work, not after minutes of it."""
+        for step in steps:
+            if step.name in cls.not_implemented:
+                raise StepNotImplemented(cls.name, step.name, cls.not_implemented[step.name])
+
+    def tolerance(self, step: str, quantity: str) -> Tolerance:
+        """How far this engine's `quantity` (an output of `step`, or a named part of one,
+        such as 'catalog.centroid') may lie from the reference's, and why."""
+        return SAME_KERNELS[quantity]
+
     # -- work ---------------------------------------------------------------------------
+    def prepare(self, step: Step, state: dict[str, Any], ctx: RunContext) -> None:
+        """Get ready to run `step` on this input, outside any timed region: an engine
+        that compiles for each input's shapes (TensorFlow's XLA) compiles here. A run
+        without it pays that once, as a user's first run does."""
+
     def map(self, kernel: Callable, partitions: list, shared: dict[str, Any],
             label: str) -> list:
         """kernel(partition, **shared) for every partition, results in partition order.
         `shared` holds the small values every partition needs: broadcast them once."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.name} runs no Python kernels and has no native "
+                                  f"{label}")
 
     def run_step(self, step: Step, state: dict[str, Any], ctx: RunContext) -> StepRun:
-        if step.name in self.not_implemented:
-            raise NotImplementedError(f"{self.name} does not implement {step.name}: "
-                                      f"{self.not_implemented[step.name]}")
+        self.check_implements([step])
         missing = [key for key in step.inputs if key not in state]
         if missing:
             raise ValueError(f"step {step.name} needs {missing}, which no earlier step made")
         plan = step.plan(state, ctx)
-        return StepRun(plan.combine(self.run_plan(step, plan)), len(plan.partitions),
-                       plan.bytes_in, plan.voxels)
-
-    def run_plan(self, step: Step, plan: Plan) -> list:
-        """The kernel's results for a planned step, in partition order; an engine with a
-        native shuffle runs `plan.shuffle` itself (results then in group-key order)."""
-        return self.map(step.kernel, plan.partitions, plan.shared, label=step.name)
+        own = self.native_steps.get(step.name)
+        if own is not None:
+            outputs = own(self, step, state, ctx, plan)
+        else:
+            outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared,
+                                            label=step.name))
+        if set(outputs) != set(step.outputs):
+            raise StepContractError(f"{self.name}'s {step.name} made {sorted(outputs)}; "
+                                    f"the step declares {sorted(step.outputs)}")
+        return StepRun(outputs, len(plan.partitions), plan.bytes_in, plan.voxels)
 
     def _report(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -59,10 +59,6 @@ class DaskEngine(Engine):
         self.client: Client | None = None
         self.cluster: LocalCluster | None = None
 
-    @classmethod
-    def from_options(cls, workers, options):
-        return cls(workers=workers, scheduler=options.get("dask_scheduler"))
-
     def start(self):
         if self.scheduler:
             try:

@@ -33,7 +33,7 @@ import pyspark  # noqa: F401  (missing: the registry says "pip install '.[spark]
 
 from pipelines.errors import EngineUnavailable
 
-from .base import RECORDED_PACKAGES, Engine, package_versions
+from .base import RECORDED_PACKAGES, Engine, native, package_versions
 
 SUITE_ROOT = Path(__file__).resolve().parents[1]
 LOG_CONFIG = Path(__file__).resolve().parent / "spark-log4j2.properties"
@@ -164,14 +164,6 @@ class SparkEngine(Engine):
         self.session = None
         self.sc = None
         self.failed_tasks = 0  # task attempts Spark retried, over the session
-
-    @classmethod
-    def from_options(cls, workers, options):
-        kwargs = {key: options[opt] for key, opt in (
-            ("master", "spark_master"), ("driver_memory", "spark_driver_memory"),
-            ("executor_memory", "spark_executor_memory"),
-            ("partitions_per_core", "spark_partitions_per_core")) if options.get(opt)}
-        return cls(workers=workers, **kwargs)
 
     # -- session ------------------------------------------------------------------------
     def _conf(self) -> dict[str, str]:
@@ -338,11 +330,10 @@ class SparkEngine(Engine):
         run.extra["retried_tasks"] = self.failed_tasks - before  # lost workers' tasks
         return run
 
-    def run_plan(self, step, plan):
-        if plan.shuffle is None:
-            return super().run_plan(step, plan)
-        # The study's flatMap + group-by as a Spark shuffle: records -> (key, value) ->
-        # groups -> kernel, every stage in the workers; results in group-key order.
+    @native("warp", "coadd")
+    def shuffled(self, step, state, ctx, plan):
+        """The study's flatMap + group-by as a Spark shuffle: records -> (key, value) ->
+        groups -> the suite's kernel, every stage in the workers."""
         shuffle = plan.shuffle
         n = self.partitions(len(plan.partitions))
         records = self.sc.parallelize(list(enumerate(shuffle.records)), n)
@@ -350,7 +341,7 @@ class SparkEngine(Engine):
                   .groupByKey(n)
                   .map(functools.partial(_make_group, make=shuffle.make)))
         keyed = self._collect(groups, step.kernel, plan.shared, step.name)
-        return [keyed[key] for key in sorted(keyed)]
+        return plan.combine([keyed[key] for key in sorted(keyed)])
 
     def _collect(self, pairs, kernel, shared, label) -> dict:
         """mapValues(kernel) over a pair RDD of fragments, collected as {key: result};

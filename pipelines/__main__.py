@@ -24,7 +24,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from engines import ENGINES
+    from engines import ENGINES, engine_options
 
     p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,14 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument("--engine", default="reference", choices=list(ENGINES))
         parser.add_argument("--workers", type=int, default=None,
                             help="workers of a local engine cluster (default: one per core)")
-        parser.add_argument("--dask-scheduler", metavar="ADDRESS",
-                            help="use this existing Dask cluster")
-        parser.add_argument("--spark-master", metavar="URL",
-                            help="use this Spark cluster (spark://host:7077)")
-        parser.add_argument("--spark-driver-memory", metavar="SIZE",
-                            help="Spark driver heap (default 2g)")
-        parser.add_argument("--spark-executor-memory", metavar="SIZE",
-                            help="Spark executor heap on a cluster (default 2g)")
+        for option in engine_options():  # each engine's own (engines/__init__.py)
+            option.add_to(parser.add_argument)
         parser.add_argument("--out", type=Path, required=True, help="output directory")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -118,7 +112,7 @@ PIPELINE_IO = {"neuro": (load_neuro, write_neuro), "astro": (load_astro, write_a
 
 
 def execute(args) -> dict:
-    from engines import create_engine
+    from engines import create_engine, engine_options
     from engines.base import print_progress
     from pipelines import PIPELINES
     from pipelines.steps import RunContext
@@ -136,9 +130,10 @@ def execute(args) -> dict:
         if not args.quiet:
             print(f"{name}: {s:.2f} s", file=sys.stderr)
 
-    options = {name: getattr(args, name) for name in (
-        "dask_scheduler", "spark_master", "spark_driver_memory", "spark_executor_memory")}
-    with create_engine(args.engine, workers=args.workers, **options) as engine:
+    options = {opt.dest: getattr(args, opt.dest) for opt in engine_options()}
+    engine = create_engine(args.engine, workers=args.workers, **options)
+    engine.check_implements(pipeline.STEPS)  # before any work, not after minutes of it
+    with engine:
         if not args.quiet:
             engine.progress = print_progress
             print(f"{engine.name} with {engine.workers} worker(s) on {inputs[0]}",
@@ -162,12 +157,13 @@ def execute(args) -> dict:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the suite's root
+    from engines.base import StepNotImplemented
     from pipelines.errors import EngineUnavailable, InputError
 
     args = _parser().parse_args(argv)
     try:
         run = execute(args)
-    except (InputError, EngineUnavailable) as exc:
+    except (InputError, EngineUnavailable, StepNotImplemented) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

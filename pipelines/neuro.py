@@ -156,11 +156,19 @@ def plan_mean_b0(state, ctx: RunContext) -> Plan:
 
 
 def brain_mask_kernel(mean_b0, params: NeuroParams):
-    from dipy.segment.mask import median_otsu
+    """dipy's `median_otsu`, step by step, with dipy's own Otsu threshold pinned:
+    `median_otsu` thresholds with scikit-image's Otsu whenever scikit-image is importable
+    (its bins' centres, where dipy's takes their left edges), and the two masks differ by
+    tens of voxels, so the reference would depend on an unrelated package being there."""
+    from dipy.segment.mask import multi_median
+    from dipy.segment.threshold import otsu
+    from scipy.ndimage import binary_dilation, generate_binary_structure
 
-    _, mask = median_otsu(mean_b0, median_radius=params.median_radius,
-                          numpass=params.numpass, dilate=params.dilate,
-                          finalize_mask=False)
+    smooth = multi_median(mean_b0, params.median_radius, params.numpass)
+    mask = smooth > otsu(smooth)
+    if params.dilate is not None:
+        mask = binary_dilation(mask, generate_binary_structure(3, 1),
+                               iterations=params.dilate)
     return np.asarray(mask, dtype=bool)
 
 

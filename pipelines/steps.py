@@ -4,8 +4,9 @@ A `Step` is planned on the client (cheap, metadata only) into a `Plan`: a list o
 partitions, the small values every partition needs (`shared`, which engines broadcast),
 and a `combine` that turns the per-partition results into the step's outputs. The
 per-partition `kernel` is a plain module-level function, so engines that run Python
-(reference, Dask, Spark, Myria) ship it as it is; engines that cannot (TensorFlow) give
-their own implementation of the step by name.
+(reference, Dask, Spark, Myria) ship it as it is; an engine that cannot (TensorFlow), or
+that has a better way for a step (Spark's shuffle), gives its own implementation of that
+step, fed the same plan (`engines.base.native`).
 
 Large arrays move between steps as files in the run directory (NIfTI here), read and
 written by the workers themselves; only small values (a mask, one sigma per volume, the

@@ -59,7 +59,7 @@ def main(dataset="phantom-small", steps=("mean_b0", "noise_sigma", "fit_tensor")
     from fixtures.reference import reference_run
     from pipelines import PIPELINES
     from pipelines.steps import RunContext
-    from tests.checks import CHECKS
+    from tests.checks import assert_match
 
     data = load_dataset(dataset)
     run = reference_run(data.inputs[0])
@@ -76,8 +76,8 @@ def main(dataset="phantom-small", steps=("mean_b0", "noise_sigma", "fit_tensor")
                      "arrow": lambda: arrow_map(engine, step.kernel, plan.partitions,
                                                 plan.shared)}
             for path, fn in paths.items():
-                CHECKS[data.pipeline].assert_outputs_match(plan.combine(fn()), run.state,
-                                                           keys=step.outputs)
+                assert_match(engine, data.pipeline, plan.combine(fn()), run.state,
+                             keys=step.outputs)
                 times = []
                 for _ in range(5):
                     start = time.perf_counter()

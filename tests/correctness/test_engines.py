@@ -11,7 +11,7 @@ pytestmark = pytest.mark.correctness
 
 def test_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(engines.ENGINES, "ghost",
-                        ("engines.ghost_engine_module", "GhostEngine", "ghost"))
+                        engines.Entry("engines.ghost_engine_module", "GhostEngine", "ghost"))
     with pytest.raises(EngineUnavailable,
                        match=r"ghost: engines.ghost_engine_module is not installed "
                              r"\(pip install '.\[ghost\]'\)"):
@@ -29,6 +29,6 @@ def test_every_engine_describes_itself(name):
         cls = engine_class(name)
     except EngineUnavailable as exc:
         pytest.skip(str(exc))
-    facts = cls.from_options(workers=2, options={}).describe()
+    facts = cls(workers=2).describe()
     assert facts["engine"] == name and facts["workers"] >= 1
     assert {"python", "numpy", "dipy"} <= set(facts["versions"])

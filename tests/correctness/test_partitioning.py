@@ -8,8 +8,7 @@ from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
 from pipelines import astro, neuro
 from pipelines.steps import RunContext
-from tests import astro_checks
-from tests.neuro_checks import assert_outputs_match
+from tests.checks import assert_match
 
 pytestmark = pytest.mark.correctness
 
@@ -44,7 +43,7 @@ def test_any_partitioning_matches_reference(step, engine, tiny, tmp_path):
     def check(partitioning):
         ctx = RunContext(tmp_path, neuro.NeuroParams(), partitioning)
         result = engine.run_step(neuro.STEP_BY_NAME[step], state, ctx)
-        assert_outputs_match(result.outputs, tiny.state)
+        assert_match(engine, "neuro", result.outputs, tiny.state)
 
     check()
 
@@ -59,7 +58,7 @@ def test_any_volume_grouping_denoises_like_reference(engine, tiny, tmp_path):
         ctx = RunContext(tmp_path, neuro.NeuroParams(),
                          neuro.NeuroPartitioning(volumes_per_task=per_task))
         result = engine.run_step(neuro.DENOISE, state, ctx)
-        assert_outputs_match(result.outputs, tiny.state)
+        assert_match(engine, "neuro", result.outputs, tiny.state)
 
     check()
 
@@ -80,7 +79,7 @@ def test_any_coadd_strip_height_matches_reference(engine, survey_tiny, tmp_path)
         ctx = RunContext(tmp_path, astro.AstroParams(),
                          astro.AstroPartitioning(coadd_strip_rows=rows))
         result = engine.run_step(astro.COADD, state, ctx)
-        astro_checks.assert_outputs_match(result.outputs, survey_tiny.state)
+        assert_match(engine, "astro", result.outputs, survey_tiny.state)
 
     check()
 

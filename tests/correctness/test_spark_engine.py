@@ -59,11 +59,10 @@ def test_partition_count(cores, per_core, fragments, expected):
 
 
 def test_suite_options_reach_the_engine():
-    engine = SparkEngine.from_options(3, {"spark_master": "spark://h:7077",
-                                          "spark_driver_memory": "5g",
-                                          "spark_executor_memory": "6g",
-                                          "spark_partitions_per_core": 2,
-                                          "dask_scheduler": "tcp://elsewhere:8786"})
+    engine = create_engine("spark", 3, spark_master="spark://h:7077",
+                           spark_driver_memory="5g", spark_executor_memory="6g",
+                           spark_partitions_per_core=2, dask_scheduler="tcp://elsewhere:8786",
+                           tf_precision="float32")
     assert (engine.workers, engine.master, engine.driver_memory, engine.executor_memory,
             engine.partitions_per_core) == (3, "spark://h:7077", "5g", "6g", 2)
     conf = engine._conf()

@@ -1,0 +1,36 @@
+"""A fake engine that exercises the engine seam in a test run of its own
+(tests/correctness/test_capabilities.py): loaded with `-p tests.fake_engine`, it registers
+`--engine fake`. It is the reference with one step declared unimplemented, one native step
+whose answer is off by a bound it declares, one native step that breaks the contract,
+and the rest on the suite's kernels. Never a stand-in for a real engine's claims."""
+from __future__ import annotations
+
+import engines
+from engines.base import native
+from engines.reference import ReferenceEngine
+from engines.tolerances import SAME_KERNELS, Tolerance
+
+MEAN_B0_ERROR = 1e-4  # relative error of the fake's mean b0
+
+
+class FakeEngine(ReferenceEngine):
+    name = "fake"
+    not_implemented = {"denoise": "a gap the fake engine declares"}
+
+    @native("mean_b0")
+    def mean_b0_off_by_a_little(self, step, state, ctx, plan):
+        outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared, step.name))
+        return {"mean_b0": outputs["mean_b0"] * (1 + MEAN_B0_ERROR)}
+
+    @native("fit_tensor")
+    def fit_without_md(self, step, state, ctx, plan):
+        outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared, step.name))
+        return {"fa": outputs["fa"]}  # md missing: a broken engine
+
+    def tolerance(self, step, quantity):
+        if (step, quantity) == ("mean_b0", "mean_b0"):
+            return Tolerance("the fake's declared error", rtol=2 * MEAN_B0_ERROR)
+        return SAME_KERNELS[quantity]
+
+
+engines.ENGINES["fake"] = engines.Entry("tests.fake_engine", "FakeEngine", None)
