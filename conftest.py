@@ -18,7 +18,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import pytest  # noqa: E402
 
-from engines import ENGINES, create_engine, engine_class, engine_options  # noqa: E402
+from engines import ENGINES, create_engine, engine_options  # noqa: E402
 from engines.base import StepNotImplemented, print_progress  # noqa: E402
 from fixtures import comparison, datasets  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
@@ -93,10 +93,19 @@ def engine_names(config) -> list[str]:
     return config.getoption("engine") or list(ENGINES)
 
 
+def pytest_ignore_collect(collection_path, config):
+    """A perf-only run (`-m perf`) does not import the correctness modules: their imports
+    (TensorFlow's alone is ~450 MB) would sit in every engine's peak memory."""
+    if config.getoption("markexpr") == "perf" and \
+            "correctness" in collection_path.relative_to(config.rootpath).parts:
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """Each engine's tests run together (in their collected order), so that each engine
-    starts once; a test parametrized by a step its engine declares unimplemented must
-    raise StepNotImplemented: strict xfail."""
+    starts once. No engine module is imported here: an engine's packages load when it
+    starts, so that they count in its memory figures and no other engine's."""
     rank = {name: i for i, name in enumerate(engine_names(config))}
 
     def engine_rank(item):
@@ -104,17 +113,6 @@ def pytest_collection_modifyitems(config, items):
         return rank.get(params.get("engine"), -1) if params else -1
 
     items.sort(key=engine_rank)  # stable: tests without an engine first, as collected
-    for item in items:
-        params = getattr(item, "callspec", None) and item.callspec.params
-        if not params or "engine" not in params or "step" not in params:
-            continue
-        try:
-            reason = engine_class(params["engine"]).not_implemented.get(params["step"])
-        except EngineUnavailable:
-            continue  # the engine fixture skips it with the reason
-        if reason:
-            item.add_marker(pytest.mark.xfail(raises=StepNotImplemented, strict=True,
-                                              reason=f"{params['engine']}: {reason}"))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -173,7 +171,15 @@ def live_engine(request):
 
 @pytest.fixture
 def engine(request, live_engine):
-    return live_engine.get(request.param)
+    """The live engine; a test parametrized by a step the engine declares unimplemented
+    must raise StepNotImplemented: a strict xfail (read at the test's call)."""
+    eng = live_engine.get(request.param)
+    params = getattr(request.node, "callspec", None) and request.node.callspec.params
+    reason = eng.not_implemented.get(params.get("step")) if params else None
+    if reason:
+        request.node.add_marker(pytest.mark.xfail(raises=StepNotImplemented, strict=True,
+                                                  reason=f"{eng.name}: {reason}"))
+    return eng
 
 
 @contextlib.contextmanager

@@ -33,4 +33,7 @@ class FakeEngine(ReferenceEngine):
         return SAME_KERNELS[quantity]
 
 
-engines.ENGINES["fake"] = engines.Entry("tests.fake_engine", "FakeEngine", None)
+def pytest_load_initial_conftests(early_config, parser, args):
+    """Loaded with -p, before the suite's conftest declares --engine: `--engine fake`.
+    (Imported by a test, it registers nothing: a normal run never sees it.)"""
+    engines.ENGINES["fake"] = engines.Entry("tests.fake_engine", "FakeEngine", None)

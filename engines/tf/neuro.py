@@ -402,7 +402,7 @@ class _Denoiser:
         self.dtype = engine.dtype
         self.shape = mask_zyx.shape
         # Only the mask's bounding box is computed: dipy skips unmasked voxels too.
-        found = np.nonzero(mask_zyx)
+        found = np.nonzero(mask_zyx) if mask_zyx.any() else [np.zeros(1, int)] * 3
         self.box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in found)
         self.mask = tf.constant(mask_zyx)
         plane = np.prod([s.stop - s.start + 2 * self.block for s in self.box[1:]])

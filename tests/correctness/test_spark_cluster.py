@@ -3,7 +3,7 @@ here from pyspark's own `bin/spark-class`, as separate processes bound to 127.0.
 used through `--spark-master` exactly as a user with a real cluster would."""
 import json
 import os
-import socket
+import re
 import subprocess
 import time
 import urllib.request
@@ -17,16 +17,17 @@ pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 WORKERS = 2
 
 
-def wait_for_port(port: int, procs, log: Path, timeout: float = 90):
+def bound_port(service: str, procs, log: Path, timeout: float = 90) -> int:
+    """The port a Spark service says it bound. Not the one asked for: Spark moves on to the
+    next port when another process took the asked-for one between free_port() and the bind,
+    and that process (another Spark's UI, in one CI run) then answered our /json/ queries."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return
-        except OSError:
-            assert all(p.poll() is None for p in procs), log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"nothing listens on {port} after {timeout} s"
-            time.sleep(0.3)
+    pattern = re.compile(rf"Successfully started service '{service}' on port (\d+)")
+    while not (found := pattern.search(log.read_text())):
+        assert all(p.poll() is None for p in procs), log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"Spark's {service} did not start in {timeout} s"
+        time.sleep(0.3)
+    return int(found.group(1))
 
 
 def master_state(ui_port: int) -> dict:
@@ -67,8 +68,8 @@ def spark_cluster(tmp_path):
     try:
         launch("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                "--port", str(port), "--webui-port", str(ui_port))
-        wait_for_port(port, procs, log_path)
-        wait_for_port(ui_port, procs, log_path)
+        port = bound_port("sparkMaster", procs, log_path)
+        ui_port = bound_port("MasterUI", procs, log_path)
         master = f"spark://127.0.0.1:{port}"
         for i in range(WORKERS):
             launch("org.apache.spark.deploy.worker.Worker", master, "--host", "127.0.0.1",
