@@ -5,7 +5,7 @@ In the study TensorFlow could run no Python kernels, funnelled all data through 
 master and came last. Here every step it runs is TensorFlow operations (`tf.function`
 graphs, XLA-compiled where the step is heavy); no `py_function`, no NumPy in a step's
 computation. Workers read their own inputs: `tf.data` pipelines read NIfTI volumes and
-slabs, and FITS cut-outs, straight from the files by byte offset (`engines/tf/io.py`);
+FITS planes or bands of rows, straight from the files by byte offset (`engines/tf/io.py`);
 headers are parsed on the host (metadata only), and outputs are written by the suite's
 own writers, since TensorFlow has no NIfTI or FITS writer.
 
