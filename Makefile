@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 bench: $(BIN)/.installed
 	$(BIN)/python -m pytest -m perf $(ENGINES) $(addprefix --dataset ,$(DATASETS)) --workers $(WORKERS) \
 	  --benchmark-autosave --benchmark-columns=median,min,max,rounds \
-	  --benchmark-sort=name $(PYTEST_ARGS)
+	  --benchmark-sort=name --history $(PYTEST_ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not perf" -n 2 $(ENGINES) $(PYTEST_ARGS)

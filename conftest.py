@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 
 # One BLAS/OpenMP thread per process, set before numpy loads: the engines provide the
 # parallelism (one single-threaded worker per core), and the reference is serial.
@@ -20,13 +21,15 @@ import pytest  # noqa: E402
 
 from engines import ENGINES, create_engine, engine_options  # noqa: E402
 from engines.base import StepNotImplemented, print_progress  # noqa: E402
-from fixtures import comparison, datasets  # noqa: E402
+from fixtures import comparison, datasets, history  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
 from pipelines import PIPELINES  # noqa: E402
 from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
 
 TIMINGS = pytest.StashKey[list]()
+RESULTS = pytest.StashKey[list]()  # history.Result of every timed benchmark
+STARTED = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser):
@@ -46,12 +49,17 @@ def pytest_addoption(parser):
                     help="workers of a local engine cluster (default: one per core)")
     for option in engine_options():  # each engine's own, declared in engines/__init__.py
         option.add_to(group.addoption)
+    group.addoption("--history", action="store_true",
+                    help="add this perf run to the results history (.benchmarks/history.sqlite "
+                         "or $IAB_HISTORY; `python -m fixtures.history list`)")
     group.addoption("--rounds", type=int,
                     help="timed rounds per benchmark (default: as many as fit ~20 s, 1..10)")
 
 
 def pytest_configure(config):
     config.stash[TIMINGS] = []
+    config.stash[RESULTS] = []
+    config.stash[STARTED] = history.now()
     try:
         for name in config.getoption("dataset") or []:
             datasets.expand_name(name)
@@ -239,7 +247,14 @@ class Bench:
         info.update(dataset.facts)
         info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
                     baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
-        check(result)  # raises (the test fails) before a wrong answer's time is filed
+        try:
+            check(result)  # raises (the test fails) before a wrong answer's time is filed
+        except Exception:
+            if stats is not None:  # a wrong answer goes in the history, marked so
+                self.record(engine, dataset, pipeline, step, stats.stats.data, info, False)
+            raise
+        if stats is not None:
+            self.record(engine, dataset, pipeline, step, stats.stats.data, info, True)
         if stats is not None:  # None under --benchmark-disable
             median = stats.stats.median
             for amount in ("voxels", "pixels", "bytes_in"):
@@ -250,12 +265,38 @@ class Bench:
                 engine.workers, median, rounds, info["peak_rss_mb"]))
 
 
+    def record(self, engine, dataset, pipeline, step, rounds, info, matched):
+        unit = next((u for u in ("voxels", "pixels") if info.get(u)), None)
+        median = statistics.median(rounds) if rounds else None
+        self.config.stash[RESULTS].append(history.Result(
+            pipeline=pipeline, dataset=dataset.name, step=step, engine=engine.name,
+            rounds=list(rounds), matched=matched, workers=engine.workers,
+            partitions=info.get("partitions"), versions=info.get("versions", {}),
+            facts={k: v for k, v in info.items() if k != "versions"},
+            peak_mb=info.get("peak_rss_mb"),
+            throughput=round(info[unit] / median) if unit and median else None,
+            throughput_unit=f"{unit}/s" if unit else None))
+
+
 @pytest.fixture
 def bench(benchmark, request):
     return Bench(benchmark, request.config)
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    results = config.stash.get(RESULTS, [])
+    if results and config.getoption("history"):
+        commit, dirty = history.suite_commit()
+        run = history.Run(results=results, suite_commit=commit, suite_dirty=dirty,
+                          started=config.stash[STARTED],
+                          command=" ".join(["pytest", *config.invocation_params.args]))
+        try:
+            with history.History() as store:
+                store.add(run)
+            terminalreporter.write_line(
+                f"history: run {run.run_id} ({len(results)} results) added to {store.path}")
+        except history.HistoryError as exc:
+            terminalreporter.write_line(f"history: not recorded: {exc}", red=True)
     timings = config.stash.get(TIMINGS, [])
     if timings:
         terminalreporter.section("engine comparison")

@@ -5,12 +5,17 @@ whose answer is off by a bound it declares, one native step that breaks the cont
 and the rest on the suite's kernels. Never a stand-in for a real engine's claims."""
 from __future__ import annotations
 
+import os
+
 import engines
 from engines.base import native
 from engines.reference import ReferenceEngine
 from engines.tolerances import SAME_KERNELS, Tolerance
 
-MEAN_B0_ERROR = 1e-4  # relative error of the fake's mean b0
+# Relative error of the fake's mean b0: within the bound it declares, or, with
+# IAB_FAKE_WRONG=1 (a test of what happens to a wrong answer), 10 times over it.
+MEAN_B0_ERROR = 1e-4
+WRONG = os.environ.get("IAB_FAKE_WRONG") == "1"
 
 
 class FakeEngine(ReferenceEngine):
@@ -20,7 +25,7 @@ class FakeEngine(ReferenceEngine):
     @native("mean_b0")
     def mean_b0_off_by_a_little(self, step, state, ctx, plan):
         outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared, step.name))
-        return {"mean_b0": outputs["mean_b0"] * (1 + MEAN_B0_ERROR)}
+        return {"mean_b0": outputs["mean_b0"] * (1 + MEAN_B0_ERROR * (20 if WRONG else 1))}
 
     @native("fit_tensor")
     def fit_without_md(self, step, state, ctx, plan):
