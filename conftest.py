@@ -285,6 +285,9 @@ def bench(benchmark, request):
 
 def pytest_terminal_summary(terminalreporter, config):
     results = config.stash.get(RESULTS, [])
+    if config.getoption("history") and not results:
+        terminalreporter.write_line("history: nothing recorded: no benchmark was timed "
+                                    "(timing is off under --benchmark-disable and xdist)")
     if results and config.getoption("history"):
         commit, dirty = history.suite_commit()
         run = history.Run(results=results, suite_commit=commit, suite_dirty=dirty,

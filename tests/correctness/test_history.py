@@ -103,7 +103,9 @@ def test_a_perf_run_with_history_records_every_benchmark(tmp_path):
     """The fake engine (tests/fake_engine.py) made to give a wrong mean b0: its benchmark
     fails, and the history holds it marked wrong beside the right ones."""
     path = tmp_path / "h.sqlite"
-    env = {**os.environ, "IAB_HISTORY": str(path), "IAB_FAKE_WRONG": "1"}
+    # Not as an xdist worker: pytest-benchmark would disable timing (PYTEST_XDIST_WORKER).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(IAB_HISTORY=str(path), IAB_FAKE_WRONG="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.fake_engine", "--engine", "fake",
          "--engine", "reference", "--dataset", "phantom-tiny", "-p", "no:cacheprovider",
