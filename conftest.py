@@ -30,6 +30,7 @@ from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
 TIMINGS = pytest.StashKey[list]()
 RESULTS = pytest.StashKey[list]()  # history.Result of every timed benchmark
 STARTED = pytest.StashKey[str]()
+FACTS = pytest.StashKey[dict]()  # (pipeline, dataset) -> the dataset's facts
 
 
 def pytest_addoption(parser):
@@ -60,6 +61,7 @@ def pytest_configure(config):
     config.stash[TIMINGS] = []
     config.stash[RESULTS] = []
     config.stash[STARTED] = history.now()
+    config.stash[FACTS] = {}
     try:
         for name in config.getoption("dataset") or []:
             datasets.expand_name(name)
@@ -245,6 +247,7 @@ class Bench:
         info = self.benchmark.extra_info
         info.update(facts)
         info.update(dataset.facts)
+        self.config.stash[FACTS][(pipeline, dataset.name)] = dataset.facts
         info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
                     baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
         try:
@@ -301,6 +304,12 @@ def pytest_terminal_summary(terminalreporter, config):
         except history.HistoryError as exc:
             terminalreporter.write_line(f"history: not recorded: {exc}", red=True)
     timings = config.stash.get(TIMINGS, [])
+    if timings and history.default_path().exists():
+        try:
+            with history.History() as store:
+                timings = history.fill_from_history(timings, config.stash[FACTS], store)
+        except history.HistoryError as exc:
+            terminalreporter.write_line(f"history: not read: {exc}", red=True)
     if timings:
         terminalreporter.section("engine comparison")
         terminalreporter.write_line(comparison.render(timings))

@@ -125,3 +125,31 @@ def test_a_perf_run_with_history_records_every_benchmark(tmp_path):
     # the file is plain SQLite: anyone's tools can query it
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM results WHERE matched = 0").fetchone() == (1,)
+
+
+def test_a_perf_run_without_the_reference_shows_its_recorded_figures(tmp_path):
+    """`pytest -m perf --engine dask` still compares with the reference: this machine's
+    latest matched reference run of the same data, marked as earlier; never another
+    machine's, nor a run on other data under the same name (--visits)."""
+    from fixtures.comparison import Timing, render
+
+    facts = {("neuro", "phantom-small"): {"dataset": "phantom-small", "subjects": 1}}
+    ref = result(engine="reference", rounds=[40.0], workers=1,
+                 facts={"dataset": "phantom-small", "subjects": 1})
+    with History(tmp_path / "h.sqlite") as h:
+        h.add(Run(results=[result(engine="reference", rounds=[10.0], workers=1,
+                                  facts={"dataset": "phantom-small", "subjects": 4})],
+                  started="2026-05-01T00:00:00+00:00"))  # other data: 4 subjects
+        h.add(Run(results=[result(engine="reference", rounds=[5.0], workers=1,
+                                  facts=ref.facts)], machine=ELSEWHERE,
+                  started="2026-06-01T00:00:00+00:00"))  # another machine
+        h.add(Run(results=[ref], started="2026-04-01T00:00:00+00:00", run_id="ref0001"))
+        dask = Timing("neuro", "phantom-small", "small", "denoise", "dask", 2, 20.0, 1, 700)
+        filled = history.fill_from_history([dask], facts, h)
+    (earlier,) = [t for t in filled if t.engine == "reference"]
+    assert earlier.median_s == 40.0 and earlier.earlier.startswith("run ref0001 of 2026-04-01")
+    table = render(filled)
+    assert "reference (1w, earlier*)" in table and "2.00x" in table
+    assert "* reference: not run this time; from the results history, run ref0001" in table
+    with History(tmp_path / "empty.sqlite") as empty:
+        assert history.fill_from_history([dask], facts, empty) == [dask]
