@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 
 # One BLAS/OpenMP thread per process, set before numpy loads: the engines provide the
 # parallelism (one single-threaded worker per core), and the reference is serial.
@@ -250,6 +249,11 @@ class Bench:
         self.config.stash[FACTS][(pipeline, dataset.name)] = dataset.facts
         info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
                     baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
+        if stats is not None:  # None under --benchmark-disable
+            median = stats.stats.median
+            for amount in ("voxels", "pixels", "bytes_in"):
+                if work.get(amount):
+                    info[f"{amount}_per_s"] = round(work[amount] / median)
         try:
             check(result)  # raises (the test fails) before a wrong answer's time is filed
         except Exception:
@@ -258,26 +262,18 @@ class Bench:
             raise
         if stats is not None:
             self.record(engine, dataset, pipeline, step, stats.stats.data, info, True)
-        if stats is not None:  # None under --benchmark-disable
-            median = stats.stats.median
-            for amount in ("voxels", "pixels", "bytes_in"):
-                if work.get(amount):
-                    info[f"{amount}_per_s"] = round(work[amount] / median)
             self.config.stash[TIMINGS].append(comparison.Timing(
                 pipeline, dataset.name, dataset.description, step, engine.name,
                 engine.workers, median, rounds, info["peak_rss_mb"]))
 
-
     def record(self, engine, dataset, pipeline, step, rounds, info, matched):
         unit = next((u for u in ("voxels", "pixels") if info.get(u)), None)
-        median = statistics.median(rounds) if rounds else None
         self.config.stash[RESULTS].append(history.Result(
             pipeline=pipeline, dataset=dataset.name, step=step, engine=engine.name,
             rounds=list(rounds), matched=matched, workers=engine.workers,
             partitions=info.get("partitions"), versions=info.get("versions", {}),
             facts={k: v for k, v in info.items() if k != "versions"},
-            peak_mb=info.get("peak_rss_mb"),
-            throughput=round(info[unit] / median) if unit and median else None,
+            peak_mb=info.get("peak_rss_mb"), throughput=info.get(f"{unit}_per_s"),
             throughput_unit=f"{unit}/s" if unit else None))
 
 

@@ -3,11 +3,13 @@ to match the reference.
 
 In the study TensorFlow could run no Python kernels, funnelled all data through the
 master and came last. Here every step it runs is TensorFlow operations (`tf.function`
-graphs, XLA-compiled where the step is heavy); no `py_function`, no NumPy in a step's
-computation. Workers read their own inputs: `tf.data` pipelines read NIfTI volumes and
-FITS planes or bands of rows, straight from the files by byte offset (`engines/tf/io.py`);
-headers are parsed on the host (metadata only), and outputs are written by the suite's
-own writers, since TensorFlow has no NIfTI or FITS writer.
+graphs, XLA-compiled where the step is heavy); no `py_function` or `numpy_function`.
+NumPy appears only at the edges: the pipeline state's arrays in, results out to the
+suite's writers, and constants that depend on shapes and parameters alone (WCS matrices,
+padding indices, zoom weights). Workers read their own inputs: `tf.data` pipelines read
+NIfTI volumes and FITS planes or bands of rows, straight from the files by byte offset
+(`engines/tf/io.py`); headers are parsed on the host (metadata only), and outputs are
+written by the suite's own writers, since TensorFlow has no NIfTI or FITS writer.
 
 One process: TensorFlow's intra-op thread pool has one thread per worker (`--workers`),
 its inter-op pool runs the input pipeline beside the compute. A GPU, where TensorFlow sees

@@ -401,10 +401,13 @@ class _Denoiser:
                               params.rician)
         self.dtype = engine.dtype
         self.shape = mask_zyx.shape
-        # Only the mask's bounding box is computed: dipy skips unmasked voxels too.
-        found = np.nonzero(mask_zyx) if mask_zyx.any() else [np.zeros(1, int)] * 3
-        self.box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in found)
         self.mask = tf.constant(mask_zyx)
+        # Only the mask's bounding box is computed: dipy skips unmasked voxels too.
+        found = tf.where(self.mask)
+        if found.shape[0] == 0:  # an empty mask: one voxel, which comes out 0
+            found = tf.zeros((1, 3), tf.int64)
+        lows, highs = tf.reduce_min(found, 0).numpy(), tf.reduce_max(found, 0).numpy()
+        self.box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(lows, highs))
         plane = np.prod([s.stop - s.start + 2 * self.block for s in self.box[1:]])
         # Each slab voxel holds a few dozen values of `dtype` at once in the loop body.
         per_plane = plane * 48 * self.dtype.size
