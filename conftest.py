@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from pathlib import Path
 
 # One BLAS/OpenMP thread per process, set before numpy loads: the engines provide the
 # parallelism (one single-threaded worker per core), and the reference is serial.
@@ -20,7 +22,7 @@ import pytest  # noqa: E402
 
 from engines import ENGINES, create_engine, engine_options  # noqa: E402
 from engines.base import StepNotImplemented, print_progress  # noqa: E402
-from fixtures import comparison, datasets, history  # noqa: E402
+from fixtures import comparison, datasets, gate, history  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
 from pipelines import PIPELINES  # noqa: E402
@@ -30,6 +32,8 @@ TIMINGS = pytest.StashKey[list]()
 RESULTS = pytest.StashKey[list]()  # history.Result of every timed benchmark
 STARTED = pytest.StashKey[str]()
 FACTS = pytest.StashKey[dict]()  # (pipeline, dataset) -> the dataset's facts
+GATE = pytest.StashKey[str]()  # the gate's findings, printed last in the summary
+HARNESS_BUDGET = 0.05  # of a timed step: what the suite itself may take
 
 
 def pytest_addoption(parser):
@@ -49,9 +53,15 @@ def pytest_addoption(parser):
                     help="workers of a local engine cluster (default: one per core)")
     for option in engine_options():  # each engine's own, declared in engines/__init__.py
         option.add_to(group.addoption)
-    group.addoption("--history", action="store_true",
-                    help="add this perf run to the results history (.benchmarks/history.sqlite "
-                         "or $IAB_HISTORY; `python -m fixtures.history list`)")
+    group.addoption("--no-history", action="store_true",
+                    help="do not add this perf run to the results history (by default every "
+                         "timed run goes to .benchmarks/history.sqlite or $IAB_HISTORY; "
+                         "`python -m fixtures.history list`)")
+    group.addoption("--gate", nargs="?", const=str(gate.BASELINE), default=None,
+                    metavar="BASELINE",
+                    help="fail the run when an engine's time over the reference's exceeds its "
+                         "baseline ratio by more than its allowance (default baseline: "
+                         "tests/perf/gate_baseline.json; `make test` runs it on tiny)")
     group.addoption("--rounds", type=int,
                     help="timed rounds per benchmark (default: as many as fit ~20 s, 1..10)")
 
@@ -99,7 +109,7 @@ def pytest_generate_tests(metafunc):
 
 
 def engine_names(config) -> list[str]:
-    return config.getoption("engine") or list(ENGINES)
+    return list(dict.fromkeys(config.getoption("engine") or ENGINES))  # each once
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -238,10 +248,22 @@ class Bench:
             1, min(self.MAX_ROUNDS, int(self.TARGET_SECONDS / max(reference_seconds, 1e-3))))
         self.benchmark.group = f"{pipeline}/{dataset.name}/{step}"
         facts = engine.describe()
-        with PeakMemory() as peak:
-            result = self.benchmark.pedantic(
-                fn, rounds=rounds, iterations=1,
-                warmup_rounds=self.WARMUP_ROUNDS if reference_seconds < 2.0 else 0)
+        warmup = self.WARMUP_ROUNDS if reference_seconds < 2.0 else 0
+        if warmup:
+            # A short step's memory is sampled over its untimed warm-up rounds, so that
+            # nothing runs beside its timed rounds: on steps of milliseconds the sampler's
+            # wake-ups move the time (Dask's 12 ms mean_b0 ran 38% faster beside it).
+            with PeakMemory() as peak:
+                for _ in range(warmup):
+                    fn()
+            sampled, sampler_cpu, elapsed = "warm-up rounds", 0.0, 1.0
+            result = self.benchmark.pedantic(fn, rounds=rounds, iterations=1)
+        else:  # a long step: the sampler's share is ~1% of CPU and of time (README)
+            with PeakMemory() as peak:
+                started = time.perf_counter()
+                result = self.benchmark.pedantic(fn, rounds=rounds, iterations=1)
+                elapsed = time.perf_counter() - started
+            sampled, sampler_cpu = "timed rounds", peak.cpu_seconds
         stats = self.benchmark.stats
         info = self.benchmark.extra_info
         info.update(facts)
@@ -249,6 +271,10 @@ class Bench:
         self.config.stash[FACTS][(pipeline, dataset.name)] = dataset.facts
         info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
                     baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
+        # The harness's share of the timed rounds: the memory sampler's CPU time (the only
+        # harness work beside a round; the answer is checked after the rounds).
+        info.update(memory_sampled=sampled, harness_cpu_s=round(sampler_cpu, 4),
+                    harness_share=round(sampler_cpu / elapsed, 5))
         if stats is not None:  # None under --benchmark-disable
             median = stats.stats.median
             for amount in ("voxels", "pixels", "bytes_in"):
@@ -282,30 +308,69 @@ def bench(benchmark, request):
     return Bench(benchmark, request.config)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The gate (--gate) judges this run's ratios; a failure fails the session."""
+    config = session.config
+    path = config.getoption("gate")
+    if not path or config.getoption("collectonly"):
+        return
+    try:
+        findings = gate.check(config.stash.get(RESULTS, []), gate.load_baseline(Path(path)))
+        config.stash[GATE] = gate.render(findings, Path(path))
+        failed = any(f.word == "fail" for f in findings)
+    except gate.GateError as exc:
+        config.stash[GATE], failed = f"gate FAILED: {exc}", True
+    if failed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the verdicts end the run
 def pytest_terminal_summary(terminalreporter, config):
+    write = terminalreporter.write_line
     results = config.stash.get(RESULTS, [])
-    if config.getoption("history") and not results:
-        terminalreporter.write_line("history: nothing recorded: no benchmark was timed "
-                                    "(timing is off under --benchmark-disable and xdist)")
-    if results and config.getoption("history"):
-        commit, dirty = history.suite_commit()
-        run = history.Run(results=results, suite_commit=commit, suite_dirty=dirty,
-                          started=config.stash[STARTED],
-                          command=" ".join(["pytest", *config.invocation_params.args]))
-        try:
-            with history.History() as store:
-                store.add(run)
-            terminalreporter.write_line(
-                f"history: run {run.run_id} ({len(results)} results) added to {store.path}")
-        except history.HistoryError as exc:
-            terminalreporter.write_line(f"history: not recorded: {exc}", red=True)
+    if results:
+        record_and_judge(terminalreporter, config, results)
     timings = config.stash.get(TIMINGS, [])
     if timings and history.default_path().exists():
         try:
             with history.History() as store:
                 timings = history.fill_from_history(timings, config.stash[FACTS], store)
         except history.HistoryError as exc:
-            terminalreporter.write_line(f"history: not read: {exc}", red=True)
+            write(f"history: not read: {exc}", red=True)
     if timings:
         terminalreporter.section("engine comparison")
-        terminalreporter.write_line(comparison.render(timings))
+        write(comparison.render(timings))
+    if GATE in config.stash:
+        terminalreporter.section("CI gate: each engine's time over the reference's")
+        for line in config.stash[GATE].splitlines():
+            write(line, red=line.startswith("gate FAILED"))
+
+
+def record_and_judge(terminalreporter, config, results):
+    """Judge this run's results against this machine's earlier runs, then add the run to
+    the history (unless --no-history): every timed perf run ends with its verdicts."""
+    write = terminalreporter.write_line
+    record = not config.getoption("no_history")
+    if not record and not history.default_path().exists():
+        return
+    commit, dirty = history.suite_commit()
+    run = history.Run(results=results, suite_commit=commit, suite_dirty=dirty,
+                      started=config.stash[STARTED],
+                      command=" ".join(["pytest", *config.invocation_params.args]))
+    try:
+        with history.History() as store:
+            judged = history.history_verdicts(run, store)
+            if record:
+                store.add(run)
+    except history.HistoryError as exc:
+        write(f"history: not used: {exc}", red=True)
+        return
+    terminalreporter.section("verdicts against earlier runs on this machine")
+    write(history.render_verdicts(judged))
+    if record:
+        write(f"history: run {run.run_id} ({len(results)} results) added to {store.path}")
+    costly = [r for r in results if (r.facts.get("harness_share") or 0) > HARNESS_BUDGET]
+    for r in costly:  # the suite's own cost must stay small beside what it measures
+        write(f"harness: {r.benchmark}: the memory sampler took "
+              f"{r.facts['harness_share']:.1%} of the timed rounds' time "
+              f"(budget {HARNESS_BUDGET:.0%})", yellow=True)

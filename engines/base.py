@@ -29,6 +29,9 @@ from .tolerances import SAME_KERNELS, Tolerance
 # The domain libraries whose versions go with every result.
 RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel", "astropy", "photutils", "reproject",
                      "astroscrappy")
+# Recorded with every result too, present or not (the reference's cache key holds only the
+# domain libraries above: an engine's upgrade does not change the reference's answers).
+ENGINE_PACKAGES = ("dask", "distributed", "pyspark", "tensorflow", "scikit-image")
 
 Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
 # A native step: (engine, step, state, ctx, plan) -> the step's outputs.
@@ -123,7 +126,8 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Facts recorded with every result."""
-        return {"engine": self.name, "workers": self.workers, "versions": self.versions()}
+        return {"engine": self.name, "workers": self.workers,
+                "versions": {**package_versions(ENGINE_PACKAGES), **self.versions()}}
 
     @classmethod
     def capability(cls, step: str) -> str:

@@ -1,7 +1,7 @@
 """The results history (fixtures/history.py): runs go in whole and come back as they were,
 a machine's runs are only compared with that machine's, exports from elsewhere import,
-and bad files are one line. End to end: a perf run with --history records every timed
-benchmark, a wrong answer marked as such."""
+and bad files are one line. End to end: a perf run records every timed benchmark, a wrong
+answer marked as such, and ends with its verdicts against the runs before it."""
 import json
 import os
 import sqlite3
@@ -99,7 +99,7 @@ def test_a_corrupt_history_file_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_perf_run_with_history_records_every_benchmark(tmp_path):
+def test_a_perf_run_records_every_benchmark_and_judges_it(tmp_path):
     """The fake engine (tests/fake_engine.py) made to give a wrong mean b0: its benchmark
     fails, and the history holds it marked wrong beside the right ones."""
     path = tmp_path / "h.sqlite"
@@ -109,10 +109,14 @@ def test_a_perf_run_with_history_records_every_benchmark(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.fake_engine", "--engine", "fake",
          "--engine", "reference", "--dataset", "phantom-tiny", "-p", "no:cacheprovider",
-         "-q", "-m", "perf", "--rounds", "2", "--history", "-k", "mean_b0 or noise_sigma",
+         "-q", "-m", "perf", "--rounds", "2", "-k", "mean_b0 or noise_sigma",
          "tests/perf/test_perf.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert "1 failed, 3 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # the first run of these benchmarks here: nothing to judge against, which it says
+    assert "verdicts against earlier runs on this machine" in proc.stdout
+    assert "with too few runs before them for a verdict (0 before" in proc.stdout
+    assert "1 wrong answer" in proc.stdout
     with History(path) as h:
         (listed,) = h.runs()
         run = h.run(listed["run_id"])
@@ -121,7 +125,7 @@ def test_a_perf_run_with_history_records_every_benchmark(tmp_path):
                        ("reference", "mean_b0"): True, ("reference", "noise_sigma"): True}
     assert all(len(r.rounds) == 2 and r.versions.get("numpy") for r in run.results)
     assert run.machine_id == history.machine_id(history.machine_facts())
-    assert run.command.startswith("pytest") and "--history" in run.command
+    assert run.command.startswith("pytest") and "perf" in run.command
     # the file is plain SQLite: anyone's tools can query it
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM results WHERE matched = 0").fetchone() == (1,)
