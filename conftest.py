@@ -328,8 +328,7 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter, config):
     write = terminalreporter.write_line
     results = config.stash.get(RESULTS, [])
-    if results:
-        record_and_judge(terminalreporter, config, results)
+    verdict_lines = record_and_judge(config, results) if results else []
     timings = config.stash.get(TIMINGS, [])
     if timings and history.default_path().exists():
         try:
@@ -340,19 +339,22 @@ def pytest_terminal_summary(terminalreporter, config):
     if timings:
         terminalreporter.section("engine comparison")
         write(comparison.render(timings))
+    if verdict_lines:  # the run ends with its verdicts, then the gate's
+        terminalreporter.section("verdicts against earlier runs on this machine")
+        for line, markup in verdict_lines:
+            write(line, **markup)
     if GATE in config.stash:
         terminalreporter.section("CI gate: each engine's time over the reference's")
         for line in config.stash[GATE].splitlines():
             write(line, red=line.startswith("gate FAILED"))
 
 
-def record_and_judge(terminalreporter, config, results):
+def record_and_judge(config, results) -> list[tuple[str, dict]]:
     """Judge this run's results against this machine's earlier runs, then add the run to
-    the history (unless --no-history): every timed perf run ends with its verdicts."""
-    write = terminalreporter.write_line
+    the history (unless --no-history). Returns the lines to show, with their markup."""
     record = not config.getoption("no_history")
     if not record and not history.default_path().exists():
-        return
+        return []
     commit, dirty = history.suite_commit()
     run = history.Run(results=results, suite_commit=commit, suite_dirty=dirty,
                       started=config.stash[STARTED],
@@ -363,14 +365,13 @@ def record_and_judge(terminalreporter, config, results):
             if record:
                 store.add(run)
     except history.HistoryError as exc:
-        write(f"history: not used: {exc}", red=True)
-        return
-    terminalreporter.section("verdicts against earlier runs on this machine")
-    write(history.render_verdicts(judged))
+        return [(f"history: not used: {exc}", {"red": True})]
+    lines = [(line, {}) for line in history.render_verdicts(judged).splitlines()]
     if record:
-        write(f"history: run {run.run_id} ({len(results)} results) added to {store.path}")
-    costly = [r for r in results if (r.facts.get("harness_share") or 0) > HARNESS_BUDGET]
-    for r in costly:  # the suite's own cost must stay small beside what it measures
-        write(f"harness: {r.benchmark}: the memory sampler took "
-              f"{r.facts['harness_share']:.1%} of the timed rounds' time "
-              f"(budget {HARNESS_BUDGET:.0%})", yellow=True)
+        lines.append((f"history: run {run.run_id} ({len(results)} results) added to "
+                      f"{store.path}", {}))
+    # the suite's own cost must stay small beside what it measures
+    lines += [(f"harness: {r.benchmark}: the memory sampler took {r.facts['harness_share']:.1%}"
+               f" of the timed rounds' time (budget {HARNESS_BUDGET:.0%})", {"yellow": True})
+              for r in results if (r.facts.get("harness_share") or 0) > HARNESS_BUDGET]
+    return lines
