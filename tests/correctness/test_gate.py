@@ -42,7 +42,7 @@ def test_the_baseline_takes_the_ratios_and_their_spread():
     entry = data["ratios"]["neuro/phantom-tiny/mean_b0/dask"]
     assert entry["ratio"] == pytest.approx(2.5, rel=0.01) and entry["runs"] == 6
     assert entry["allowance"] == gate.FLOOR  # 3 x 1.8% spread is under the floor
-    noisy = gate.make_baseline([run(jitter=j) for j in (0, 0.3, -0.25, 0.2, -0.2)])
+    noisy = gate.make_baseline([run(jitter=j) for j in (0, 0.4, -0.3, 0.3, -0.25)])
     entry = noisy["ratios"]["neuro/phantom-tiny/mean_b0/dask"]
     assert entry["allowance"] > gate.FLOOR
     assert entry["allowance"] == pytest.approx(3 * entry["spread"], abs=1e-3)
@@ -61,7 +61,7 @@ def test_unchanged_runs_pass_and_a_slower_engine_fails_in_one_line():
     assert [f.word for f in found] == ["fail", "fail"]
     line = found[0].line()
     assert re.fullmatch(r"gate FAILED: dask neuro/phantom-tiny/mean_b0 took 5x the "
-                        r"reference's time; baseline 2.5\dx, allowed up to 3.7\dx \(\+9\d%\)",
+                        r"reference's time; baseline 2.5\dx, allowed up to 4.[34]\d?x \(\+9\d%\)",
                         line), line
     assert "\n" not in gate.render(found).splitlines()[0]
     faster = gate.check(run(slower=0.5).results, data)
