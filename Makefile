@@ -1,12 +1,14 @@
 # Two commands set up a fresh machine and run the suite (Python 3.11+ and make needed):
 #   make bench   the perf suite on the default datasets (phantom-small, survey-small) with every
-#                local engine -> comparison tables
+#                local engine -> comparison tables, then the report (report/index.html, summary.md)
 #   make test    the correctness suite (in parallel), its timing-sensitive tests (alone), then
 #                the CI gate: the perf suite on tiny, each engine's time over the reference's
 #                against tests/perf/gate_baseline.json
 # and, when asked for:
 #   make gate-baseline [GATE_RUNS=10]  remeasure the gate's baseline (GATE_RUNS runs of its perf run)
 #   make versions PACKAGE=dask VERSIONS="2024.12.1 2026.8.0"   one package's versions, side by side
+#   make sweep AXIS=subjects VALUES="1 2 4"   a scaling sweep (AXIS: subjects, visits, workers)
+#   make report  the report again, from everything recorded
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -22,7 +24,7 @@ GATE_RUNS ?= 10
 # optionally ENGINE (default: the one the package serves, else the reference)
 RUNS ?= 3
 
-.PHONY: bench test gate-baseline versions clean
+.PHONY: bench test gate-baseline versions sweep report clean
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -32,12 +34,29 @@ $(BIN)/.installed: pyproject.toml
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    apt-get update -q >/dev/null && apt-get install -y -q openjdk-17-jre-headless >/dev/null; } || \
 	  echo "note: no Java 17+ found; Spark is skipped (see README: Spark)"
+	@# The report's page is opened in Debian's headless Chromium by a test (skipped without it).
+	@command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+	  echo "note: no Chromium found; the test of the report's page is skipped"
 	touch $@
 
+# The report is written even when a benchmark failed (it shows which); the status is pytest's.
 bench: $(BIN)/.installed
 	$(BIN)/python -m pytest -m perf $(ENGINES) $(addprefix --dataset ,$(DATASETS)) --workers $(WORKERS) \
 	  --benchmark-autosave --benchmark-columns=median,min,max,rounds \
-	  --benchmark-sort=name $(PYTEST_ARGS)
+	  --benchmark-sort=name $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m fixtures.report; exit $$status
+
+report: $(BIN)/.installed
+	$(BIN)/python -m fixtures.report
+
+# make sweep AXIS=subjects|visits|workers [VALUES="1 2 4"] [DATASETS=phantom-small] [ENGINES=...]
+sweep: $(BIN)/.installed
+	@test -n "$(AXIS)" || { echo 'usage: make sweep AXIS=subjects|visits|workers [VALUES="1 2 4"]'; exit 2; }
+	$(BIN)/python -m fixtures.sweep $(AXIS) $(VALUES) \
+	  $(if $(filter-out small,$(strip $(DATASETS))),$(addprefix --dataset ,$(DATASETS))) $(ENGINES) \
+	  -- $(PYTEST_ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not perf and not serial" -n 2 $(ENGINES) $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from pathlib import Path
 
 # One BLAS/OpenMP thread per process, set before numpy loads: the engines provide the
@@ -33,6 +34,7 @@ RESULTS = pytest.StashKey[list]()  # history.Result of every timed benchmark
 STARTED = pytest.StashKey[str]()
 FACTS = pytest.StashKey[dict]()  # (pipeline, dataset) -> the dataset's facts
 GATE = pytest.StashKey[str]()  # the gate's findings, printed last in the summary
+SESSION = pytest.StashKey[str]()  # this session's id in the history (a perf run's run_id)
 HARNESS_BUDGET = 0.05  # of a timed step: what the suite itself may take
 
 
@@ -71,6 +73,8 @@ def pytest_configure(config):
     config.stash[RESULTS] = []
     config.stash[STARTED] = history.now()
     config.stash[FACTS] = {}
+    config.stash[SESSION] = uuid.uuid4().hex[:12]
+    config.pluginmanager.register(OutcomeRecorder(config), "iab-outcomes")
     try:
         for name in config.getoption("dataset") or []:
             datasets.expand_name(name)
@@ -132,6 +136,13 @@ def pytest_collection_modifyitems(config, items):
         return rank.get(params.get("engine"), -1) if params else -1
 
     items.sort(key=engine_rank)  # stable: tests without an engine first, as collected
+    for item in items:  # what the capability matrix needs to know of each engine test
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if params and "engine" in params:
+            item.user_properties += [
+                ("iab_engine", params["engine"]), ("iab_dataset", params.get("dataset")),
+                ("iab_step", params.get("step")),
+                ("iab_kind", "perf" if item.get_closest_marker("perf") else "correctness")]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -194,7 +205,10 @@ def engine(request, live_engine):
     must raise StepNotImplemented: a strict xfail (read at the test's call)."""
     eng = live_engine.get(request.param)
     params = getattr(request.node, "callspec", None) and request.node.callspec.params
-    reason = eng.not_implemented.get(params.get("step")) if params else None
+    step = params.get("step") if params else None
+    if step and step != "pipeline":  # the engine's own account, for the capability matrix
+        request.node.user_properties.append(("iab_how", eng.capability(step)))
+    reason = eng.not_implemented.get(step) if step else None
     if reason:
         request.node.add_marker(pytest.mark.xfail(raises=StepNotImplemented, strict=True,
                                                   reason=f"{eng.name}: {reason}"))
@@ -308,9 +322,57 @@ def bench(benchmark, request):
     return Bench(benchmark, request.config)
 
 
+class OutcomeRecorder:
+    """Collects every engine test's outcome (in the controller, under xdist too) and adds
+    them to the history at the end: the capability matrix of the report is made from
+    them, beside what each engine declares."""
+
+    def __init__(self, config):
+        self.config = config
+        self.outcomes: list[history.Outcome] = []
+
+    def pytest_runtest_logreport(self, report):
+        props = dict(report.user_properties)
+        if "iab_engine" not in props or not (
+                report.when == "call" or (report.when == "setup" and not report.passed)):
+            return
+        xfail = hasattr(report, "wasxfail")
+        if report.passed:
+            outcome, reason = ("xpassed" if xfail else "passed"), None
+        elif report.skipped:
+            outcome = "xfailed" if xfail else "skipped"
+            reason = report.wasxfail.removeprefix("reason: ") if xfail else \
+                (report.longrepr[2] if isinstance(report.longrepr, tuple)
+                 else str(report.longrepr)).removeprefix("Skipped: ")
+        else:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            outcome, reason = "failed", crash.message if crash else str(report.longrepr)
+        self.outcomes.append(history.Outcome(
+            test=report.nodeid, kind=props["iab_kind"], engine=props["iab_engine"],
+            outcome=outcome, dataset=props.get("iab_dataset"), step=props.get("iab_step"),
+            how=props.get("iab_how"),
+            reason=reason and reason.strip().splitlines()[0][:300]))
+
+    def save(self):
+        config = self.config
+        if not self.outcomes or config.getoption("no_history"):
+            return
+        commit, _ = history.suite_commit()
+        try:
+            with history.History() as store:
+                store.add_outcomes(config.stash[SESSION], self.outcomes,
+                                   config.stash[STARTED], history.machine_facts(), commit,
+                                   " ".join(["pytest", *config.invocation_params.args]))
+        except history.HistoryError as exc:
+            print(f"history: outcomes not recorded: {exc}")
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """The gate (--gate) judges this run's ratios; a failure fails the session."""
+    """Engine tests' outcomes go to the history; the gate (--gate) judges this run's
+    ratios, and a failure fails the session."""
     config = session.config
+    if not hasattr(config, "workerinput"):  # the xdist controller, or no xdist
+        config.pluginmanager.get_plugin("iab-outcomes").save()
     path = config.getoption("gate")
     if not path or config.getoption("collectonly"):
         return
@@ -357,7 +419,7 @@ def record_and_judge(config, results) -> list[tuple[str, dict]]:
         return []
     commit, dirty = history.suite_commit()
     run = history.Run(results=results, suite_commit=commit, suite_dirty=dirty,
-                      started=config.stash[STARTED],
+                      started=config.stash[STARTED], run_id=config.stash[SESSION],
                       command=" ".join(["pytest", *config.invocation_params.args]))
     try:
         with history.History() as store:

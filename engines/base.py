@@ -33,6 +33,15 @@ RECORDED_PACKAGES = ("numpy", "scipy", "dipy", "nibabel", "astropy", "photutils"
 # domain libraries above: an engine's upgrade does not change the reference's answers).
 ENGINE_PACKAGES = ("dask", "distributed", "pyspark", "tensorflow", "scikit-image")
 
+# What `Engine.capability` answers, and what each word means (the report's legend).
+CAPABILITIES = {
+    "kernels": "runs the suite's Python kernels (pipelines/), partitioned in its own idiom",
+    "native": "its own implementation of the step, in the engine's idiom",
+    "compiled": "its own implementation, run only as compiled code (graphs, XLA): no "
+                "Python on the data",
+    "not implemented": "the engine declares it cannot run the step, and why",
+}
+
 Progress = Callable[[str, int, int], None]  # (step name, tasks done, tasks in the step)
 # A native step: (engine, step, state, ctx, plan) -> the step's outputs.
 NativeStep = Callable[["Engine", Step, dict, RunContext, Plan], dict]
@@ -50,10 +59,12 @@ class StepContractError(RuntimeError):
     """An engine's step made other outputs than the step declares: an engine bug."""
 
 
-def native(*steps: str):
-    """Mark an engine method as its own implementation of the named steps."""
+def native(*steps: str, compiled: bool = False):
+    """Mark an engine method as its own implementation of the named steps; `compiled`:
+    it runs only as compiled code (TensorFlow's graphs and XLA), no Python on the data."""
     def mark(method):
         method.native_for = steps
+        method.compiled = compiled
         return method
     return mark
 
@@ -131,11 +142,13 @@ class Engine:
 
     @classmethod
     def capability(cls, step: str) -> str:
-        """How this engine runs `step`: 'kernels' (the suite's Python kernels), 'native'
-        (its own implementation) or 'not implemented: <reason>'."""
+        """How this engine runs `step` (the capability matrix's words, CAPABILITIES)."""
         if step in cls.not_implemented:
             return f"not implemented: {cls.not_implemented[step]}"
-        return "native" if step in cls.native_steps else "kernels"
+        own = cls.native_steps.get(step)
+        if own is None:
+            return "kernels"
+        return "compiled" if getattr(own, "compiled", False) else "native"
 
     @classmethod
     def check_implements(cls, steps) -> None:

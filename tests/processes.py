@@ -36,7 +36,7 @@ def run_step_tests_on_tiny(*engine_args: str) -> str:
 
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/correctness/test_steps.py", "-q",
-         "-p", "no:cacheprovider", *engine_args,
+         "-p", "no:cacheprovider", "--no-history", *engine_args,
          "--dataset", "tiny"],  # both pipelines: phantom-tiny and survey-tiny
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
         timeout=900)

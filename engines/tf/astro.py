@@ -386,7 +386,7 @@ def _warp_task(part, calexps: dict[str, _Calexp], skymap, workdir, host: _HostWc
     return visit, patch, str(path)
 
 
-@native("warp")
+@native("warp", compiled=True)
 def warp(engine, step, state, ctx, plan):
     shared = plan.shared
     parts = plan.partitions
@@ -712,7 +712,7 @@ def _coadd_task(part, skymap, workdir, params, strip_rows: int, visits: int):
     return patch, str(path)
 
 
-@native("coadd")
+@native("coadd", compiled=True)
 def coadd(engine, step, state, ctx, plan):
     shared = plan.shared
     parts = plan.partitions

@@ -416,7 +416,7 @@ def calibrate_ccd(ccd: astro.CcdInput, workdir: str, params: astro.AstroParams):
                                 "background_median": float(background_median)}
 
 
-@native("calibrate")
+@native("calibrate", compiled=True)
 def calibrate(engine, step, state, ctx, plan):
     """Every CCD of the plan, `engine.workers` at a time (TensorFlow releases the GIL
     while its graphs run, and one CCD's host work, reading headers and writing the calexp,

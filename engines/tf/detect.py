@@ -1187,7 +1187,7 @@ def _read_patch(path):
     return tuple(io.read_planes([planes["IMAGE"], planes["VARIANCE"]]))
 
 
-@native("detect")
+@native("detect", compiled=True)
 def detect(engine, step, state, ctx, plan):
     """Every coadd of the plan through `_patch_graph`, one after the other (each uses
     every intra-op thread), combined by the plan as the reference's results are."""

@@ -27,7 +27,7 @@ def outcomes(tmp_path_factory):
     """test id -> outcome of the step, pipeline, CLI and perf tests run on the fake."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.fake_engine", "--engine", "fake",
-         "--dataset", "phantom-tiny", "-p", "no:cacheprovider", "-q", "-rA",
+         "--dataset", "phantom-tiny", "-p", "no:cacheprovider", "-q", "-rA", "--no-history",
          "--benchmark-disable", "-m", "not slow", "-k", "not astro",
          "tests/correctness/test_steps.py", "tests/correctness/test_cli.py",
          "tests/perf/test_perf.py"],

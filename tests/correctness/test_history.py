@@ -126,6 +126,16 @@ def test_a_perf_run_records_every_benchmark_and_judges_it(tmp_path):
     assert all(len(r.rounds) == 2 and r.versions.get("numpy") for r in run.results)
     assert run.machine_id == history.machine_id(history.machine_facts())
     assert run.command.startswith("pytest") and "perf" in run.command
+    # each engine test's outcome is recorded with the run, for the report's capability
+    # matrix: how the live engine ran the step, and why a test failed
+    with History(path) as h:
+        outcomes = {(o.engine, o.step): o for o in h.outcomes(run.run_id)}
+    assert {k: (o.outcome, o.how, o.kind) for k, o in outcomes.items()} == {
+        ("fake", "mean_b0"): ("failed", "native", "perf"),
+        ("fake", "noise_sigma"): ("passed", "kernels", "perf"),
+        ("reference", "mean_b0"): ("passed", "kernels", "perf"),
+        ("reference", "noise_sigma"): ("passed", "kernels", "perf")}
+    assert "beyond tolerance" in outcomes[("fake", "mean_b0")].reason
     # the file is plain SQLite: anyone's tools can query it
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM results WHERE matched = 0").fetchone() == (1,)
