@@ -20,6 +20,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from pipelines.steps import Plan, RunContext, Step, StepRun
@@ -112,6 +113,9 @@ class Engine:
     def __init__(self, workers: int | None = None):
         self.workers = workers or usable_cores()
         self.progress: Progress | None = None
+        # Where the engine's own processes (a JVM, say) write their logs, set before
+        # `start`: a file in this folder, named by the engine. None: this process's stderr.
+        self.log_dir: Path | None = None
 
     # -- session ------------------------------------------------------------------------
     def start(self) -> "Engine":

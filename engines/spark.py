@@ -221,6 +221,16 @@ class SparkEngine(Engine):
                                     "close the other Spark engine first")
         conf = SparkConf().setMaster(master).setAll(list(self._conf().items()))
         try:
+            if self.log_dir is not None:
+                # The JVM's own output (its banner, its warnings, its Python workers'
+                # stderr) goes to a log file: the caller's stderr stays its own.
+                from pyspark.java_gateway import launch_gateway
+
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.log_dir / "spark.log", "ab") as log:
+                    gateway = launch_gateway(conf, popen_kwargs={"stdout": log,
+                                                                 "stderr": log})
+                SparkContext(conf=conf, gateway=gateway)
             self.session = SparkSession.builder.config(conf=conf).getOrCreate()
         except Exception as exc:  # the JVM failed to start, or the master refused us
             raise EngineUnavailable(f"Spark did not start on {master}: "

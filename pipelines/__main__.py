@@ -7,7 +7,9 @@
 neuro writes mask.nii.gz, denoised.nii, fa.nii.gz, md.nii.gz; astro writes the
 calibrated CCDs, warps and coadds (FITS with WCS) and catalog.fits; both write run.json
 (engine, versions, parameters, seconds per step, skipped inputs). Errors in the input or
-the engine are one line on stderr and exit status 2.
+the engine are one line on stderr and exit status 2. Stderr is this command's progress
+and errors only (none with --quiet): an engine's own processes log to a file in the
+output directory (Spark's JVM: spark.log), named in run.json.
 """
 from __future__ import annotations
 
@@ -133,6 +135,7 @@ def execute(args) -> dict:
     options = {opt.dest: getattr(args, opt.dest) for opt in engine_options()}
     engine = create_engine(args.engine, workers=args.workers, **options)
     engine.check_implements(pipeline.STEPS)  # before any work, not after minutes of it
+    engine.log_dir = args.out  # stderr is this command's progress and errors only
     with engine:
         if not args.quiet:
             engine.progress = print_progress
@@ -150,7 +153,8 @@ def execute(args) -> dict:
     run = {**facts, "pipeline": args.pipeline, "input": inputs, "seconds": seconds,
            "total_seconds": round(total, 3), "params": dataclasses.asdict(params),
            "partitioning": dataclasses.asdict(partitioning), "outputs": outputs,
-           "skipped": [{"input": path, "reason": reason} for path, reason in skipped]}
+           "skipped": [{"input": path, "reason": reason} for path, reason in skipped],
+           "logs": sorted(p.name for p in args.out.glob("*.log"))}  # engines' own output
     (args.out / "run.json").write_text(json.dumps(run, indent=1))
     return run
 

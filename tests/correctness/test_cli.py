@@ -40,6 +40,25 @@ def test_cli_writes_the_reference_maps(engine, tmp_path):
     assert np.allclose(nib.load(out / "fa.nii.gz").affine, nib.load(subject.dwi).affine)
     run = json.loads((out / "run.json").read_text())
     assert run["engine"] == engine.name and set(run["seconds"]) >= {"denoise", "fit_tensor"}
+    # stderr is the command's own progress: no engine banner, log line or traceback
+    progress = (f"{engine.name} with ", "  ", *(f"{s.name}: " for s in neuro.STEPS))
+    lines = [line for line in proc.stderr.splitlines() if line]  # "\r" splits a line too
+    assert all(line.startswith(progress) for line in lines), proc.stderr
+
+
+def test_cli_quiet_is_quiet(engine, tmp_path):
+    """--quiet: nothing on stderr at all, whatever the engine (Spark's JVM banner and its
+    workers' output go to spark.log in the output folder, named in run.json)."""
+    engine.check_implements(neuro.STEPS)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "neuro", "--engine", engine.name, "--workers",
+         "2", "--dataset", "phantom-tiny", "--quiet", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert proc.stdout.startswith("wrote ")
+    logs = json.loads((out / "run.json").read_text())["logs"]
+    assert all((out / name).exists() for name in logs)
 
 
 def test_cli_astro_writes_the_reference_catalog(engine, tmp_path):
