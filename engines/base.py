@@ -60,12 +60,16 @@ class StepContractError(RuntimeError):
     """An engine's step made other outputs than the step declares: an engine bug."""
 
 
-def native(*steps: str, compiled: bool = False):
+def native(*steps: str, compiled: bool = False, follows: tuple[str, ...] | None = None):
     """Mark an engine method as its own implementation of the named steps; `compiled`:
-    it runs only as compiled code (TensorFlow's graphs and XLA), no Python on the data."""
+    it runs only as compiled code (TensorFlow's graphs and XLA), no Python on the data;
+    `follows`: the step parameters (`Step.params`) it honours, where it does not honour
+    them all (None: it runs the suite's kernels inside, so it follows every one); a run
+    that changes another is refused (`Engine.check_params`), never silently ignored."""
     def mark(method):
         method.native_for = steps
         method.compiled = compiled
+        method.follows = follows
         return method
     return mark
 
@@ -162,6 +166,26 @@ class Engine:
             if step.name in cls.not_implemented:
                 raise StepNotImplemented(cls.name, step.name, cls.not_implemented[step.name])
 
+    @classmethod
+    def check_params(cls, steps, params) -> None:
+        """Raise StepNotImplemented for the first of `steps` whose own implementation here
+        does not follow a parameter that `params` changes from the pinned ones."""
+        import dataclasses
+
+        pinned = type(params)()
+        changed = {f.name for f in dataclasses.fields(params)
+                   if getattr(params, f.name) != getattr(pinned, f.name)}
+        for step in steps:
+            follows = getattr(cls.native_steps.get(step.name), "follows", None)
+            if follows is None or not changed:
+                continue
+            ignored = sorted((changed & set(step.params)) - set(follows))
+            if ignored:
+                raise StepNotImplemented(cls.name, step.name, (
+                    "its own implementation follows the pinned "
+                    + ", ".join(f"{n}={getattr(pinned, n)!r}" for n in ignored)
+                    + " only; use an engine that runs the suite's kernels"))
+
     def tolerance(self, step: str, quantity: str) -> Tolerance:
         """How far this engine's `quantity` (an output of `step`, or a named part of one,
         such as 'catalog.centroid') may lie from the reference's, and why."""
@@ -182,6 +206,7 @@ class Engine:
 
     def run_step(self, step: Step, state: dict[str, Any], ctx: RunContext) -> StepRun:
         self.check_implements([step])
+        self.check_params([step], ctx.params)
         missing = [key for key in step.inputs if key not in state]
         if missing:
             raise ValueError(f"step {step.name} needs {missing}, which no earlier step made")

@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     sky.add_argument("--pixel-scale", type=float, default=0.333, help="arcsec per pixel")
     sky.add_argument("--patch-inner", type=int, default=2000, help="patch size, pixels")
     sky.add_argument("--patch-border", type=int, default=100, help="patch border, pixels")
+    n.add_argument("--b0-threshold", type=float, metavar="B",
+                   help="b-values up to B are b0 volumes (default 10, the study's; scanners "
+                        "write b0 as 0 to 50): --param b0_threshold=B")
+    for parser, params in ((n, "NeuroParams"), (a, "AstroParams")):
+        parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                            help=f"set one of the pipeline's parameters (repeatable; the "
+                                 f"fields of {params} in pipelines/, pinned to the study's "
+                                 f"by default); written to run.json")
     for parser in (n, a):
         parser.add_argument("--engine", default="reference", choices=list(ENGINES))
         parser.add_argument("--workers", type=int, default=None,
@@ -68,7 +76,7 @@ def suite_dataset(name: str, pipeline: str):
     return dataset.inputs[0]
 
 
-def load_neuro(args):
+def load_neuro(args, params):
     from pipelines import neuro
     from pipelines.errors import InputError
 
@@ -78,10 +86,10 @@ def load_neuro(args):
         files = (args.dwi, args.bvals, args.bvecs)
     else:
         raise InputError("give --dwi, --bvals and --bvecs, or --dataset")
-    return [str(f) for f in files], neuro.load_subject(*files)
+    return [str(f) for f in files], neuro.load_subject(*files, params=params)
 
 
-def load_astro(args):
+def load_astro(args, params):
     from pipelines import astro
     from pipelines.errors import InputError
 
@@ -117,13 +125,16 @@ def execute(args) -> dict:
     from engines import create_engine, engine_options
     from engines.base import print_progress
     from pipelines import PIPELINES
-    from pipelines.steps import RunContext
+    from pipelines.steps import RunContext, override
 
     pipeline = PIPELINES[args.pipeline]
     load, write = PIPELINE_IO[args.pipeline]
-    inputs, state = load(args)
+    named = [f"b0_threshold={args.b0_threshold}"] \
+        if getattr(args, "b0_threshold", None) is not None else []
+    params, changed = override(pipeline.Params(), named + args.param, args.pipeline)
+    inputs, state = load(args, params)
     skipped = state.get("skipped", ())
-    params, partitioning = pipeline.Params(), pipeline.Partitioning()
+    partitioning = pipeline.Partitioning()
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = {}
 
@@ -135,6 +146,7 @@ def execute(args) -> dict:
     options = {opt.dest: getattr(args, opt.dest) for opt in engine_options()}
     engine = create_engine(args.engine, workers=args.workers, **options)
     engine.check_implements(pipeline.STEPS)  # before any work, not after minutes of it
+    engine.check_params(pipeline.STEPS, params)
     engine.log_dir = args.out  # stderr is this command's progress and errors only
     with engine:
         if not args.quiet:
@@ -152,6 +164,7 @@ def execute(args) -> dict:
         print(f"skipped: {reason}", file=sys.stderr)
     run = {**facts, "pipeline": args.pipeline, "input": inputs, "seconds": seconds,
            "total_seconds": round(total, 3), "params": dataclasses.asdict(params),
+           "params_changed": changed,  # from the pinned ones, by --param or its named forms
            "partitioning": dataclasses.asdict(partitioning), "outputs": outputs,
            "skipped": [{"input": path, "reason": reason} for path, reason in skipped],
            "logs": sorted(p.name for p in args.out.glob("*.log"))}  # engines' own output

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import fitsio
 from .errors import InputError
-from .steps import Plan, RunContext, Shuffle, Step, run_steps
+from .steps import Plan, RunContext, Shuffle, Step, check_range, run_steps
 
 PIPELINE = "astro"
 UNIT = "pixels"  # what the work is counted in (Plan.voxels)
@@ -70,6 +70,23 @@ class AstroParams:
     detect_kernel_fwhm: float = 3.3
     detect_threshold: float = 5.0
     detect_min_pixels: int = 5
+
+    def __post_init__(self):  # values the libraries would refuse, or misread, refused here
+        positive = (lambda v: v > 0, "positive")
+        check_range(self, background_box=positive,
+                    background_filter=(lambda v: v >= 1 and v % 2 == 1, "odd and >= 1"),
+                    background_clip_sigma=positive,
+                    background_exclude_percentile=(lambda v: 0 <= v <= 100, "0 to 100"),
+                    saturation_grow=(lambda v: v >= 0, ">= 0"), cr_sigclip=positive,
+                    cr_sigfrac=positive, cr_objlim=positive, cr_niter=positive,
+                    warp_order=(lambda v: v in WARP_ORDERS, " or ".join(WARP_ORDERS)),
+                    clip_sigma=positive, clip_iterations=(lambda v: v >= 0, ">= 0"),
+                    weight_clip_sigma=positive, detect_background_box=positive,
+                    detect_kernel_fwhm=positive, detect_threshold=positive,
+                    detect_min_pixels=positive)
+
+
+WARP_ORDERS = ("nearest-neighbor", "bilinear", "biquadratic", "bicubic")  # reproject's
 
 
 @dataclass(frozen=True)
@@ -693,10 +710,18 @@ def plan_detect(state, ctx: RunContext) -> Plan:
 
 
 CALIBRATE = Step("calibrate", ("ccds", "skipped"), ("calexps", "calibration", "skipped"),
-                 plan_calibrate, calibrate_kernel)
-WARP = Step("warp", ("ccds", "calexps", "skymap"), ("warps",), plan_warp, warp_kernel)
-COADD = Step("coadd", ("warps", "skymap"), ("coadds",), plan_coadd, coadd_kernel)
-DETECT = Step("detect", ("coadds", "skymap"), ("catalog",), plan_detect, detect_kernel)
+                 plan_calibrate, calibrate_kernel,
+                 ("saturation_grow", "cr_sigclip", "cr_sigfrac", "cr_objlim", "cr_niter",
+                  "background_box", "background_filter", "background_exclude_percentile",
+                  "background_clip_sigma"))
+WARP = Step("warp", ("ccds", "calexps", "skymap"), ("warps",), plan_warp, warp_kernel,
+            ("warp_order",))
+COADD = Step("coadd", ("warps", "skymap"), ("coadds",), plan_coadd, coadd_kernel,
+             ("clip_sigma", "clip_iterations", "weight_clip_sigma"))
+DETECT = Step("detect", ("coadds", "skymap"), ("catalog",), plan_detect, detect_kernel,
+              ("detect_background_box", "background_exclude_percentile",
+               "background_clip_sigma", "detect_kernel_fwhm", "detect_threshold",
+               "detect_min_pixels"))
 
 STEPS: tuple[Step, ...] = (CALIBRATE, WARP, COADD, DETECT)
 STEP_BY_NAME = {s.name: s for s in STEPS}

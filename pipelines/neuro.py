@@ -16,7 +16,7 @@ import numpy as np
 
 from . import nifti
 from .errors import InputError
-from .steps import Plan, RunContext, Step, run_steps
+from .steps import Plan, RunContext, Step, check_range, run_steps
 
 PIPELINE = "neuro"
 UNIT = "voxels"  # what the work is counted in (Plan.voxels)
@@ -40,6 +40,16 @@ class NeuroParams:
     # A fixed floor rather than dipy's data-derived default (the smallest positive signal of
     # the data being fitted), which would make a block's fit depend on its neighbours.
     min_signal: float = 1.0
+
+    def __post_init__(self):  # values dipy would refuse, or misread, refused here by name
+        positive, at_least_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0")
+        check_range(self, b0_threshold=at_least_0, median_radius=positive,
+                    numpass=positive, dilate=at_least_0, sigma_coils=at_least_0,
+                    patch_radius=at_least_0, block_radius=positive,
+                    nlmeans_method=(lambda v: v in ("classic", "blockwise"),
+                                    "classic or blockwise"),
+                    fit_method=(lambda v: v in ("WLS", "OLS", "NLLS"), "WLS, OLS or NLLS"),
+                    min_signal=positive)
 
 
 @dataclass(frozen=True)
@@ -285,13 +295,18 @@ def plan_fit_tensor(state, ctx: RunContext) -> Plan:
                 voxels=int(mask.sum()))
 
 
+# b0_threshold is read when a subject is loaded (it picks the b0 volumes, b0_index) and by
+# the fit (its gradient table).
 MEAN_B0 = Step("mean_b0", ("dwi", "b0_index"), ("mean_b0",), plan_mean_b0, mean_b0_kernel)
-BRAIN_MASK = Step("brain_mask", ("mean_b0",), ("mask",), plan_brain_mask, brain_mask_kernel)
-NOISE_SIGMA = Step("noise_sigma", ("dwi",), ("sigma",), plan_noise_sigma, noise_sigma_kernel)
+BRAIN_MASK = Step("brain_mask", ("mean_b0",), ("mask",), plan_brain_mask, brain_mask_kernel,
+                  ("median_radius", "numpass", "dilate"))
+NOISE_SIGMA = Step("noise_sigma", ("dwi",), ("sigma",), plan_noise_sigma, noise_sigma_kernel,
+                   ("sigma_coils", "sigma_background_masking"))
 DENOISE = Step("denoise", ("dwi", "mask", "sigma"), ("denoised",), plan_denoise,
-               denoise_kernel)
+               denoise_kernel, ("patch_radius", "block_radius", "rician", "nlmeans_method"))
 FIT_TENSOR = Step("fit_tensor", ("denoised", "mask", "bvals", "bvecs"), ("fa", "md"),
-                  plan_fit_tensor, fit_tensor_kernel)
+                  plan_fit_tensor, fit_tensor_kernel, ("b0_threshold", "fit_method",
+                                                       "min_signal"))
 
 STEPS: tuple[Step, ...] = (MEAN_B0, BRAIN_MASK, NOISE_SIGMA, DENOISE, FIT_TENSOR)
 STEP_BY_NAME = {s.name: s for s in STEPS}

@@ -70,6 +70,9 @@ class Step:
     outputs: tuple[str, ...]  # state keys the step produces
     plan: Callable[[dict, RunContext], Plan]
     kernel: Callable[..., Any]  # kernel(partition, **shared) -> result, runs on workers
+    # The fields of the pipeline's Params the step reads (an engine's own implementation
+    # of the step must follow each of them, or refuse a run that changes one).
+    params: tuple[str, ...] = ()
 
 
 @dataclass
@@ -94,3 +97,59 @@ def run_steps(steps, engine, state: dict, ctx: RunContext,
         if on_step:
             on_step(step.name, time.perf_counter() - start)
     return state
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def override(params, assignments, pipeline: str):
+    """`params` (a pipeline's frozen Params) with NAME=VALUE assignments applied, each
+    checked by name, by the type of the field's pinned value, and by the Params' own
+    validation; returns (params, {name: value changed}). Any problem: InputError, one line."""
+    import dataclasses
+    import math
+
+    from pipelines.errors import InputError
+
+    known = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    changed = {}
+    for text in assignments:
+        name, sep, raw = text.partition("=")
+        name, raw = name.strip().replace("-", "_"), raw.strip()
+        if not sep or not name:
+            raise InputError(f"--param {text!r}: expected NAME=VALUE")
+        if name not in known:
+            raise InputError(f"--param {name}: no such parameter of the {pipeline} pipeline; "
+                             f"known: {', '.join(known)}")
+        pinned = known[name]
+        try:
+            if isinstance(pinned, bool):
+                if raw.lower() not in _TRUE | _FALSE:
+                    raise ValueError("expected true or false")
+                value = raw.lower() in _TRUE
+            elif isinstance(pinned, int):
+                value = int(raw)
+            elif isinstance(pinned, float):
+                value = float(raw)
+                if not math.isfinite(value):
+                    raise ValueError("expected a finite number")
+            else:
+                value = raw
+        except ValueError as exc:
+            what = type(pinned).__name__
+            raise InputError(f"--param {name}={raw}: not a {what} "
+                             f"({str(exc).splitlines()[0]})") from None
+        changed[name] = value
+    try:
+        return dataclasses.replace(params, **changed), changed
+    except ValueError as exc:
+        raise InputError(f"--param: {exc}") from None
+
+
+def check_range(params, **rules) -> None:
+    """For a Params' __post_init__: rules name -> (test, what it must be); ValueError
+    naming the first field that fails, with its value."""
+    for name, (ok, must) in rules.items():
+        value = getattr(params, name)
+        if not ok(value):
+            raise ValueError(f"{name}={value!r}: must be {must}")

@@ -386,7 +386,7 @@ def _warp_task(part, calexps: dict[str, _Calexp], skymap, workdir, host: _HostWc
     return visit, patch, str(path)
 
 
-@native("warp", compiled=True)
+@native("warp", compiled=True, follows=())
 def warp(engine, step, state, ctx, plan):
     shared = plan.shared
     parts = plan.partitions

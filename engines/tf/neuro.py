@@ -51,7 +51,7 @@ def _first_volume(state) -> tf.Tensor:
     return tf.zeros((z, y, x), tf.float32)
 
 
-@native("mean_b0", compiled=True)
+@native("mean_b0", compiled=True, follows=())
 def mean_b0(engine, step, state, ctx, plan):
     """The b0 volumes summed in float64, over their count, rounded to float32: as the
     reference's kernels (the sum of a few float32 values in float64 is exact, so the order
@@ -277,7 +277,7 @@ def prepare_brain_mask(engine, state, ctx):
     median_otsu_mask(state["mean_b0"], p.median_radius, p.numpass, p.dilate)
 
 
-@native("brain_mask", compiled=True)
+@native("brain_mask", compiled=True, follows=())
 def brain_mask(engine, step, state, ctx, plan):
     p = ctx.params
     mask = median_otsu_mask(state["mean_b0"], p.median_radius, p.numpass, p.dilate)
@@ -305,7 +305,7 @@ def prepare_noise_sigma(engine, state, ctx):
     _estimate_sigma(_first_volume(state))
 
 
-@native("noise_sigma", compiled=True)
+@native("noise_sigma", compiled=True, follows=())
 def noise_sigma(engine, step, state, ctx, plan):
     p = ctx.params
     if p.sigma_coils != 0 or not p.sigma_background_masking:
@@ -446,7 +446,7 @@ def prepare_denoise(engine, state, ctx):
     denoiser.denoise(_first_volume(state), 1.0)
 
 
-@native("denoise", compiled=True)
+@native("denoise", compiled=True, follows=("patch_radius", "block_radius", "rician"))
 def denoise(engine, step, state, ctx, plan):
     p = ctx.params
     if p.nlmeans_method != "classic":
@@ -554,7 +554,7 @@ def prepare_fit_tensor(engine, state, ctx):
     fa_md(identity, sums7, tf.ones(7, tf.float64), tf.constant(1e-9, tf.float64))
 
 
-@native("fit_tensor", compiled=True)
+@native("fit_tensor", compiled=True, follows=("b0_threshold", "min_signal"))
 def fit_tensor(engine, step, state, ctx, plan):
     p = ctx.params
     if p.fit_method.upper() not in ("WLS", "WLLS"):

@@ -103,3 +103,124 @@ def test_cli_dataset_of_the_other_pipeline_is_one_line(pipeline, name, other, tm
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {name} is a dataset of the {other} pipeline"
+
+
+SMALL_101D_B0 = 50.0  # dipy's small_101D writes its b0 volume as b=15
+
+
+def small_101d():
+    from dipy.data import get_fnames
+
+    return [str(p) for p in get_fnames(name="small_101D")]
+
+
+def small_101d_reference(workdir: Path) -> dict:
+    """The pipeline on dipy's small_101D with the b0 threshold raised, on the reference
+    engine in this process: what every engine's command must match."""
+    params = neuro.NeuroParams(b0_threshold=SMALL_101D_B0)
+    state = neuro.load_subject(*small_101d(), params=params)
+    ctx = RunContext(workdir, params, neuro.NeuroPartitioning())
+    return neuro.run_pipeline(ReferenceEngine().start(), state, ctx)
+
+
+def test_cli_b0_threshold_runs_small_101d(engine, tmp_path):
+    """A real acquisition shipped with dipy whose b0 is b=15: refused at the pinned
+    threshold with the reason, run end to end with --b0-threshold, on every engine, and
+    the maps match the reference's with the same parameter."""
+    engine.check_implements(neuro.STEPS)
+    dwi, bvals, bvecs = small_101d()
+    command = [sys.executable, "-m", "pipelines", "neuro", "--engine", engine.name,
+               "--workers", "2", "--dwi", dwi, "--bvals", bvals, "--bvecs", bvecs, "--quiet"]
+    refused = subprocess.run(command + ["--out", str(tmp_path / "pinned")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "no b0 volume (b <= 10) among 102 b-values" in refused.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run(command + ["--b0-threshold", str(SMALL_101D_B0), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = small_101d_reference(tmp_path / "ref")
+    written = {name: np.asarray(nib.load(out / f"{name}.nii.gz").dataobj)
+               for name in ("mask", "fa", "md")}
+    written["mask"] = written["mask"].astype(bool)
+    written["denoised"] = str(out / "denoised.nii")
+    assert_match(engine, "neuro", written, want)
+    run = json.loads((out / "run.json").read_text())
+    assert run["params_changed"] == {"b0_threshold": SMALL_101D_B0}
+    assert run["params"]["b0_threshold"] == SMALL_101D_B0
+
+
+def test_small_101d_reference_is_dipy_called_directly(tmp_path):
+    """The reference's mask and tensor maps on small_101D (b0 threshold 50) are what
+    dipy itself gives: median_otsu on the mean b0, and TensorModel (WLS, min_signal=1) on
+    the denoised data within that mask."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import TensorModel
+    from dipy.segment.mask import median_otsu
+
+    want = small_101d_reference(tmp_path)
+    dwi, bvals, bvecs = small_101d()
+    data = np.asarray(nib.load(dwi).dataobj)
+    gtab = gradient_table(np.loadtxt(bvals), bvecs=np.loadtxt(bvecs).T,
+                          b0_threshold=SMALL_101D_B0)
+    assert gtab.b0s_mask.sum() == 1
+    mean_b0 = data[..., gtab.b0s_mask].astype(np.float64).mean(axis=-1)
+    _, mask = median_otsu(mean_b0, median_radius=4, numpass=2, dilate=1)
+    assert np.array_equal(want["mask"], mask)
+    denoised = np.asarray(nib.load(want["denoised"]).dataobj)
+    fit = TensorModel(gtab, fit_method="WLS", min_signal=1.0).fit(denoised, mask=mask)
+    # the suite writes its maps as float32
+    assert np.allclose(want["fa"], np.where(mask, fit.fa, 0), rtol=1e-5, atol=1e-6)
+    assert np.allclose(want["md"], np.where(mask, fit.md, 0), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--param", "b0_thresh=50"], "--param b0_thresh: no such parameter of the neuro "
+                                  "pipeline; known: b0_threshold, "),
+    (["--param", "median_radius=two"], "--param median_radius=two: not a int"),
+    (["--param", "median_radius=0"], "--param: median_radius=0: must be positive"),
+    (["--param", "rician=maybe"], "--param rician=maybe: not a bool (expected true or false)"),
+    (["--param", "fit_method=RESTORE"], "--param: fit_method='RESTORE': must be WLS, OLS or"),
+    (["--param", "min_signal=nan"], "--param min_signal=nan: not a float (expected a finite"),
+    (["--b0-threshold", "-1"], "--param: b0_threshold=-1.0: must be >= 0"),
+    (["--param", "rician"], "--param 'rician': expected NAME=VALUE"),
+])
+def test_cli_bad_parameters_are_one_line(args, says, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "neuro", "--dataset",
+                           "phantom-tiny", *args, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {says}"), proc.stderr
+
+
+def test_a_parameter_an_engine_does_not_follow_is_refused(tmp_path):
+    """TensorFlow's own fit is WLS only: asked for OLS it refuses before any work, in one
+    line, rather than computing WLS under an OLS label."""
+    from engines.base import Engine, StepNotImplemented, native
+
+    class WlsOnly(Engine):
+        name = "wls-only"
+
+        @native("fit_tensor", follows=("b0_threshold", "min_signal"))
+        def fit(self, step, state, ctx, plan):
+            raise AssertionError("never reached")
+
+    ols = neuro.NeuroParams(fit_method="OLS")
+    with pytest.raises(StepNotImplemented, match=r"follows the pinned fit_method='WLS' only"):
+        WlsOnly.check_params(neuro.STEPS, ols)
+    WlsOnly.check_params(neuro.STEPS, neuro.NeuroParams(b0_threshold=50.0))  # followed
+    ReferenceEngine.check_params(neuro.STEPS, ols)  # the suite's kernels follow everything
+
+
+def test_step_params_name_what_the_kernels_read():
+    """Each step's declared parameters are the Params fields its kernel reads: what an
+    engine's own implementation is held to (a field missed here would go unchecked)."""
+    import inspect
+    import re
+
+    from pipelines import PIPELINES
+
+    for pipeline in PIPELINES.values():
+        for step in pipeline.STEPS:
+            read = set(re.findall(r"params\.(\w+)", inspect.getsource(step.kernel)))
+            assert read == set(step.params), (step.name, read)
