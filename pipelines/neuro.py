@@ -44,7 +44,8 @@ class NeuroParams:
     def __post_init__(self):  # values dipy would refuse, or misread, refused here by name
         positive, at_least_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0")
         check_range(self, b0_threshold=at_least_0, median_radius=positive,
-                    numpass=positive, dilate=at_least_0, sigma_coils=at_least_0,
+                    numpass=positive, sigma_coils=at_least_0,
+                    dilate=(lambda v: v is None or v >= 0, "None (no dilation) or >= 0"),
                     patch_radius=at_least_0, block_radius=positive,
                     nlmeans_method=(lambda v: v in ("classic", "blockwise"),
                                     "classic or blockwise"),
