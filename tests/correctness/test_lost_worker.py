@@ -40,13 +40,17 @@ class Killer(threading.Thread):
 
 
 def test_step_survives_a_killed_worker(engine, tmp_path):
+    run = reference_run(load_dataset("phantom-tiny").inputs[0])
+    pipeline = PIPELINES["neuro"]
+    # A cheap step first: an engine idle for a while may have let its workers go (Spark
+    # stops idle Python workers after a minute) and starts them again on demand.
+    engine.run_step(pipeline.STEP_BY_NAME["noise_sigma"], run.state_before("noise_sigma"),
+                    RunContext(tmp_path / "wake", pipeline.Params(), pipeline.Partitioning()))
     pids = engine.worker_pids()
     if not pids:
         pytest.skip(f"{engine.name} has no worker process here to kill")
     # The tiny phantom's denoising: ~1 s of work split over the workers, long enough for a
     # worker to be caught mid-task.
-    run = reference_run(load_dataset("phantom-tiny").inputs[0])
-    pipeline = PIPELINES["neuro"]
     step = pipeline.STEP_BY_NAME["denoise"]
     killer = Killer(pids)
     killer.start()
