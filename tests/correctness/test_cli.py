@@ -193,10 +193,13 @@ def test_cli_bad_parameters_are_one_line(args, says, tmp_path):
     assert proc.stderr.startswith(f"error: {says}"), proc.stderr
 
 
-def test_a_parameter_an_engine_does_not_follow_is_refused(tmp_path):
-    """TensorFlow's own fit is WLS only: asked for OLS it refuses before any work, in one
-    line, rather than computing WLS under an OLS label."""
+def test_a_parameter_an_engine_does_not_follow_is_refused():
+    """An engine's own fit that is WLS only, asked for OLS, refuses before any work in one
+    line rather than computing WLS under an OLS label; a parameter it follows passes; the
+    suite's kernels follow every one. TensorFlow's own steps declare theirs too."""
+    from engines import engine_class
     from engines.base import Engine, StepNotImplemented, native
+    from pipelines.errors import EngineUnavailable
 
     class WlsOnly(Engine):
         name = "wls-only"
@@ -209,7 +212,16 @@ def test_a_parameter_an_engine_does_not_follow_is_refused(tmp_path):
     with pytest.raises(StepNotImplemented, match=r"follows the pinned fit_method='WLS' only"):
         WlsOnly.check_params(neuro.STEPS, ols)
     WlsOnly.check_params(neuro.STEPS, neuro.NeuroParams(b0_threshold=50.0))  # followed
-    ReferenceEngine.check_params(neuro.STEPS, ols)  # the suite's kernels follow everything
+    ReferenceEngine.check_params(neuro.STEPS, ols)
+    try:
+        tensorflow = engine_class("tensorflow")
+    except EngineUnavailable as exc:
+        pytest.skip(str(exc))
+    with pytest.raises(StepNotImplemented, match="tensorflow does not implement fit_tensor"):
+        tensorflow.check_params(neuro.STEPS, ols)
+    with pytest.raises(StepNotImplemented, match="tensorflow does not implement brain_mask"):
+        tensorflow.check_params(neuro.STEPS, neuro.NeuroParams(median_radius=2))
+    tensorflow.check_params(neuro.STEPS, neuro.NeuroParams(patch_radius=2))  # followed
 
 
 def test_step_params_name_what_the_kernels_read():
