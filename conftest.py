@@ -9,6 +9,7 @@ test runs it (strict where the test is parametrized by that step).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import uuid
@@ -35,6 +36,7 @@ STARTED = pytest.StashKey[str]()
 FACTS = pytest.StashKey[dict]()  # (pipeline, dataset) -> the dataset's facts
 GATE = pytest.StashKey[str]()  # the gate's findings, printed last in the summary
 SESSION = pytest.StashKey[str]()  # this session's id in the history (a perf run's run_id)
+PARAMS = pytest.StashKey[dict]()  # pipeline -> (its Params, {name: value changed by --param})
 HARNESS_BUDGET = 0.05  # of a timed step: what the suite itself may take
 
 
@@ -64,6 +66,15 @@ def pytest_addoption(parser):
                     help="fail the run when an engine's time over the reference's exceeds its "
                          "baseline ratio by more than its allowance (default baseline: "
                          "tests/perf/gate_baseline.json; `make test` runs it on tiny)")
+    group.addoption("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="change a pipeline parameter (repeatable; a field of NeuroParams or "
+                         "AstroParams, for the pipeline that has it): the reference is "
+                         "recomputed with it and every engine is held to that; refused with "
+                         "perf tests unless --perf-params")
+    group.addoption("--perf-params", action="store_true",
+                    help="time perf tests with --param anyway: shown, but neither added to "
+                         "the history nor gated (figures under other parameters do not "
+                         "compare with the pinned ones)")
     group.addoption("--rounds", type=int,
                     help="timed rounds per benchmark (default: as many as fit ~20 s, 1..10)")
 
@@ -78,8 +89,35 @@ def pytest_configure(config):
     try:
         for name in config.getoption("dataset") or []:
             datasets.expand_name(name)
+        config.stash[PARAMS] = pipeline_params(config.getoption("param"))
     except InputError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if changed_params(config) and config.getoption("gate"):
+        raise pytest.UsageError("--gate judges the pinned parameters' times; drop --param")
+
+
+def pipeline_params(assignments) -> dict:
+    """pipeline -> (Params, changed): each NAME=VALUE applies to the pipelines whose
+    Params have that field, checked as the command line checks it."""
+    from pipelines.steps import override
+
+    fields = {name: {f.name for f in dataclasses.fields(p.Params)}
+              for name, p in PIPELINES.items()}
+    for text in assignments:
+        name = text.partition("=")[0].strip().replace("-", "_")
+        if not any(name in known for known in fields.values()):
+            raise InputError(f"--param {name}: no such parameter of either pipeline")
+    found = {}
+    for pipeline, known in fields.items():
+        mine = [t for t in assignments
+                if t.partition("=")[0].strip().replace("-", "_") in known]
+        found[pipeline] = override(PIPELINES[pipeline].Params(), mine, pipeline)
+    return found
+
+
+def changed_params(config) -> dict:
+    """{pipeline: {name: value}} of what --param changed (empty: the pinned parameters)."""
+    return {p: changed for p, (_, changed) in config.stash[PARAMS].items() if changed}
 
 
 def pytest_generate_tests(metafunc):
@@ -136,6 +174,13 @@ def pytest_collection_modifyitems(config, items):
         return rank.get(params.get("engine"), -1) if params else -1
 
     items.sort(key=engine_rank)  # stable: tests without an engine first, as collected
+    changed = changed_params(config)
+    if changed and not config.getoption("perf_params") and \
+            any(item.get_closest_marker("perf") for item in items):
+        raise pytest.UsageError(
+            f"--param changes {changed}: perf figures are measured with the pinned "
+            f"parameters, so that they compare across runs; add --perf-params to time "
+            f"these anyway (kept out of the history and the gate)")
     for item in items:  # what the capability matrix needs to know of each engine test
         params = getattr(item, "callspec", None) and item.callspec.params
         if params and "engine" in params:
@@ -233,10 +278,16 @@ def dataset(request):
 
 
 @pytest.fixture(scope="session")
-def reference(request, dataset):
+def params(request, dataset):
+    """The dataset's pipeline's parameters: pinned, or as --param changed them."""
+    return request.config.stash[PARAMS][dataset.pipeline][0]
+
+
+@pytest.fixture(scope="session")
+def reference(request, dataset, params):
     """The reference's outputs for every input (subject, survey) of the dataset, cached."""
     with shown(request.config):
-        return [reference_run(source, progress=print_progress)
+        return [reference_run(source, params=params, progress=print_progress)
                 for source in dataset.inputs]
 
 
@@ -283,6 +334,8 @@ class Bench:
         info.update(facts)
         info.update(dataset.facts)
         self.config.stash[FACTS][(pipeline, dataset.name)] = dataset.facts
+        if changed_params(self.config).get(pipeline):  # --perf-params: not the pinned ones
+            info["params_changed"] = changed_params(self.config)[pipeline]
         info.update(step=step, pipeline=pipeline, peak_rss_mb=round(peak.bytes / 2**20, 1),
                     baseline_rss_mb=round(peak.baseline / 2**20, 1), **work)
         # The harness's share of the timed rounds: the memory sampler's CPU time (the only
@@ -355,7 +408,7 @@ class OutcomeRecorder:
 
     def save(self):
         config = self.config
-        if not self.outcomes or config.getoption("no_history"):
+        if not self.outcomes or config.getoption("no_history") or changed_params(config):
             return
         commit, _ = history.suite_commit()
         try:
@@ -414,6 +467,10 @@ def pytest_terminal_summary(terminalreporter, config):
 def record_and_judge(config, results) -> list[tuple[str, dict]]:
     """Judge this run's results against this machine's earlier runs, then add the run to
     the history (unless --no-history). Returns the lines to show, with their markup."""
+    changed = changed_params(config)
+    if changed:  # only figures under the pinned parameters compare, and are kept
+        return [(f"history: not used: parameters changed by --param {changed}",
+                 {"yellow": True})]
     record = not config.getoption("no_history")
     if not record and not history.default_path().exists():
         return []

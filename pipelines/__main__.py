@@ -4,8 +4,12 @@
         --engine dask --workers 8 --out results/
     python -m pipelines astro --ccds raw/ --engine dask --workers 8 --out results/
 
+    python -m pipelines astro --images m13.fits --patch-inner 128 --patch-border 16 \
+        --out results/
+
 neuro writes mask.nii.gz, denoised.nii, fa.nii.gz, md.nii.gz; astro writes the
-calibrated CCDs, warps and coadds (FITS with WCS) and catalog.fits; both write run.json
+calibrated CCDs, warps and coadds (FITS with WCS) and catalog.fits (and, for plain
+images, the CCD files made of them); both write run.json
 (engine, versions, parameters, seconds per step, skipped inputs). Errors in the input or
 the engine are one line on stderr and exit status 2. Stderr is this command's progress
 and errors only (none with --quiet): an engine's own processes log to a file in the
@@ -39,17 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", help="a suite dataset instead (e.g. phantom-small)")
     a = sub.add_parser("astro", help="survey: calibrate, warp, coadd, detect -> catalog")
     src = a.add_argument_group("input: --ccds, or --dataset")
-    src.add_argument("--ccds", type=Path,
-                     help="directory of CCD files (multi-extension FITS with IMAGE, MASK "
-                          "and VARIANCE planes, a celestial WCS, VISIT and CCDNUM keywords)")
+    src.add_argument("--ccds", "--images", type=Path, nargs="+", metavar="PATH",
+                     help="FITS files, or directories of them: CCD files (IMAGE, MASK and "
+                          "VARIANCE planes, VISIT and CCDNUM keywords) or plain images (one "
+                          "image HDU with a celestial WCS), which are first made into CCD "
+                          "files in OUT/ccds/, what was assumed for each written to run.json")
     src.add_argument("--dataset", help="a suite dataset instead (e.g. survey-small)")
     sky = a.add_argument_group("sky map (for --ccds; a suite dataset brings its own)")
-    sky.add_argument("--pixel-scale", type=float, default=0.333, help="arcsec per pixel")
+    sky.add_argument("--pixel-scale", type=float, default=None,
+                     help="arcsec per sky pixel (default: the images' own, their median)")
     sky.add_argument("--patch-inner", type=int, default=2000, help="patch size, pixels")
     sky.add_argument("--patch-border", type=int, default=100, help="patch border, pixels")
     n.add_argument("--b0-threshold", type=float, metavar="B",
                    help="b-values up to B are b0 volumes (default 10, the study's; scanners "
                         "write b0 as 0 to 50): --param b0_threshold=B")
+    a.add_argument("--deblend", action="store_true",
+                   help="split blended footprints (photutils' deblend_sources; off in the "
+                        "study's pipeline): --param deblend=true")
     for parser, params in ((n, "NeuroParams"), (a, "AstroParams")):
         parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                             help=f"set one of the pipeline's parameters (repeatable; the "
@@ -97,10 +107,16 @@ def load_astro(args, params):
         survey = suite_dataset(args.dataset, "astro")
         return [str(survey.directory)], survey.load_state()
     if not args.ccds:
-        raise InputError("give --ccds DIRECTORY, or --dataset")
-    return [str(args.ccds)], astro.load_survey(args.ccds, pixel_scale_arcsec=args.pixel_scale,
-                                               patch_inner=args.patch_inner,
-                                               patch_border=args.patch_border)
+        raise InputError("give --ccds FILES or DIRECTORIES, or --dataset")
+    files = [f for source in args.ccds for f in astro.ccd_files(source)]
+    state = astro.load_survey(files, ingest_dir=args.out / "ccds",
+                              pixel_scale_arcsec=args.pixel_scale, patch_inner=args.patch_inner,
+                              patch_border=args.patch_border)
+    if state["ingested"] and not args.quiet:
+        for made in state["ingested"]:
+            print(f"{made.source}: visit {made.visit} ({made.visit_from}), CCD {made.ccd}, "
+                  f"variance from {made.variance_from}", file=sys.stderr)
+    return [str(s) for s in args.ccds], state
 
 
 def write_neuro(final, out: Path) -> list[str]:
@@ -115,7 +131,8 @@ def write_astro(final, out: Path) -> list[str]:
     from astropy.table import Table
 
     Table(final["catalog"]).write(out / "catalog.fits", overwrite=True)
-    return ["calexp/", "warp/", "coadd/", "catalog.fits"]
+    made = ["ccds/"] if final.get("ingested") else []  # plain images made into CCD files
+    return made + ["calexp/", "warp/", "coadd/", "catalog.fits"]
 
 
 PIPELINE_IO = {"neuro": (load_neuro, write_neuro), "astro": (load_astro, write_astro)}
@@ -131,6 +148,7 @@ def execute(args) -> dict:
     load, write = PIPELINE_IO[args.pipeline]
     named = [f"b0_threshold={args.b0_threshold}"] \
         if getattr(args, "b0_threshold", None) is not None else []
+    named += ["deblend=true"] if getattr(args, "deblend", False) else []
     params, changed = override(pipeline.Params(), named + args.param, args.pipeline)
     inputs, state = load(args, params)
     skipped = state.get("skipped", ())
@@ -167,6 +185,8 @@ def execute(args) -> dict:
            "params_changed": changed,  # from the pinned ones, by --param or its named forms
            "partitioning": dataclasses.asdict(partitioning), "outputs": outputs,
            "skipped": [{"input": path, "reason": reason} for path, reason in skipped],
+           # plain images made into CCD files (OUT/ccds/), and what was assumed for each
+           "ingested": [i.as_json() for i in state.get("ingested", ())],
            "logs": sorted(p.name for p in args.out.glob("*.log"))}  # engines' own output
     (args.out / "run.json").write_text(json.dumps(run, indent=1))
     return run

@@ -11,6 +11,7 @@ through the client, so a task's memory is bounded by its own CCD or patch.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ class AstroParams:
     clip_sigma: float = 3.0
     clip_iterations: int = 2
     weight_clip_sigma: float = 3.0
+    # Off, as in the study: the coadd's variance plane scaled to the noise measured in
+    # the coadd itself (the 3-sigma clipped variance of image / sqrt(variance) over its
+    # pixels), as LSST's coadds do. Resampling correlates pixel noise, so the propagated
+    # variance overstates what the pixels scatter by.
+    coadd_rescale_variance: bool = False
     # 4A detect: background mesh on the coadd, a PSF-matched Gaussian filter (FWHM in sky
     # pixels, ~1.1 arcsec at 0.333"/px, the survey's typical seeing), 5 sigma of the
     # filtered noise, 8-connected footprints of at least 5 pixels.
@@ -70,6 +76,12 @@ class AstroParams:
     detect_kernel_fwhm: float = 3.3
     detect_threshold: float = 5.0
     detect_min_pixels: int = 5
+    # Deblending (off, as in the study): photutils' deblend_sources on the filtered image,
+    # its own defaults (32 exponentially spaced levels, 0.001 of the footprint's flux for
+    # a branch to count): crowded fields (M13's core) need it.
+    deblend: bool = False
+    deblend_levels: int = 32
+    deblend_contrast: float = 0.001
 
     def __post_init__(self):  # values the libraries would refuse, or misread, refused here
         positive = (lambda v: v > 0, "positive")
@@ -83,7 +95,8 @@ class AstroParams:
                     clip_sigma=positive, clip_iterations=(lambda v: v >= 0, ">= 0"),
                     weight_clip_sigma=positive, detect_background_box=positive,
                     detect_kernel_fwhm=positive, detect_threshold=positive,
-                    detect_min_pixels=positive)
+                    detect_min_pixels=positive, deblend_levels=positive,
+                    deblend_contrast=(lambda v: 0 <= v <= 1, "0 to 1"))
 
 
 WARP_ORDERS = ("nearest-neighbor", "bilinear", "biquadratic", "bicubic")  # reproject's
@@ -229,50 +242,63 @@ class CcdInput:
     shape: tuple[int, int]  # (rows, cols)
     corners: np.ndarray  # (4, 2) RA, Dec of the pixel-grid corners, degrees
     patches: tuple[Patch, ...] = ()
+    pixel_scale: float = 0.0  # arcsec, the square root of a pixel's area at the reference
 
     @property
     def key(self) -> tuple[int, int]:
         return self.visit, self.ccd
 
 
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fits.gz")
+
+
 def ccd_files(source) -> list[Path]:
-    """The CCD files of a directory (*.fits, sorted), or the given list of files."""
+    """The FITS files of a directory (any depth, sorted), or the given list of files."""
     if isinstance(source, (str, Path)) and not Path(source).exists():
         raise InputError(f"{source}: no such file or directory")
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".fits", ".fit"))
+        files = sorted(p for p in Path(source).rglob("*")
+                       if p.name.lower().endswith(FITS_SUFFIXES) and p.is_file())
         if not files:
-            raise InputError(f"{source}: no .fits files")
+            raise InputError(f"{source}: no FITS files ({', '.join(FITS_SUFFIXES)})")
         return files
     if isinstance(source, (str, Path)):
         return [Path(source)]
     return [Path(p) for p in source]
 
 
-def read_ccd_header(path: Path) -> CcdInput:
-    """Check one CCD's file from its headers alone; raise InputError saying what is wrong."""
+def celestial_wcs(header, path):
+    """The header's celestial WCS; InputError saying why there is none."""
     from astropy.wcs import WCS, FITSFixedWarning
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header)
+        except Exception as exc:  # astropy.wcs raises a zoo of types for bad keywords
+            raise InputError(f"{path}: invalid WCS ({str(exc).splitlines()[0]})") from None
+    if not wcs.has_celestial:
+        ctypes = ", ".join(repr(t) for t in wcs.wcs.ctype) or "none"
+        raise InputError(f"{path}: no celestial WCS (axis types: {ctypes}); the pipeline "
+                         f"places images on the sky")
+    return wcs.celestial
+
+
+def read_ccd_header(path: Path) -> CcdInput:
+    """Check one CCD's file from its headers alone; raise InputError saying what is wrong."""
     with fitsio.open_fits(path) as hdul:
         names = {h.name for h in hdul}
         missing = [p for p in fitsio.PLANES if p not in names]
         if missing:
-            raise InputError(f"{path}: no {'/'.join(missing)} extension (a CCD needs "
-                             f"IMAGE, MASK and VARIANCE planes)")
+            raise InputError(f"{path}: no {'/'.join(missing)} extension (a CCD file has "
+                             f"IMAGE, MASK and VARIANCE planes; a plain image has none)")
         shapes = {p: hdul[p].shape for p in fitsio.PLANES}
         if len(set(shapes.values())) != 1 or len(shapes["IMAGE"]) != 2:
             found = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in shapes.items())
             raise InputError(f"{path}: planes of different shapes ({found})")
         header = hdul["IMAGE"].header
         primary = hdul[0].header
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            try:
-                wcs = WCS(header)
-            except Exception as exc:  # astropy.wcs raises a zoo of types for bad keywords
-                raise InputError(f"{path}: invalid WCS ({str(exc).splitlines()[0]})") from None
-        if not wcs.has_celestial or wcs.naxis != 2:
-            raise InputError(f"{path}: no celestial WCS in the IMAGE header")
+        wcs = celestial_wcs(header, path)
         visit = primary.get("VISIT", primary.get("EXPNUM", header.get("VISIT")))
         ccd = primary.get("CCDNUM", header.get("CCDNUM"))
         if visit is None or ccd is None:
@@ -284,23 +310,45 @@ def read_ccd_header(path: Path) -> CcdInput:
     corners = np.column_stack([ra, dec])
     if not np.isfinite(corners).all():
         raise InputError(f"{path}: its WCS does not map the CCD's corners onto the sky")
-    return CcdInput(str(Path(path).resolve()), int(visit), int(ccd), (rows, cols), corners)
+    return CcdInput(str(Path(path).resolve()), int(visit), int(ccd), (rows, cols), corners,
+                    pixel_scale=math.sqrt(_pixel_area(wcs.celestial)) * 3600.0)
 
 
-def load_survey(source, skymap: SkyMap | None = None, *, pixel_scale_arcsec: float = 0.333,
-                patch_inner: int = 2000, patch_border: int = 100) -> dict[str, Any]:
+def load_survey(source, skymap: SkyMap | None = None, *, ingest_dir=None,
+                pixel_scale_arcsec: float | None = None, patch_inner: int = 2000,
+                patch_border: int = 100) -> dict[str, Any]:
     """Check a survey's CCD files (headers only) and return the pipeline's initial state.
 
+    Plain images (no IMAGE/MASK/VARIANCE planes) are first made into CCD files in
+    `ingest_dir` (pipelines/plain_images.py; what was made of each is state['ingested']).
     A CCD that cannot be used (corrupt file, no WCS, planes of different shapes, no
     overlap with the sky map, a duplicate (visit, ccd)) is skipped, with the reason kept
     in state['skipped']; if none is usable, InputError. Without a sky map, one is fitted
-    around the CCDs with the given pixel scale and patch sizes."""
-    found, skipped = [], []
+    around the CCDs with the given pixel scale (default: the CCDs' own, their median) and
+    patch sizes."""
+    from . import plain_images
+
+    found, skipped, plain = [], [], []
     for path in ccd_files(source):
         try:
-            found.append(read_ccd_header(path))
+            if plain_images.is_plain(path):
+                plain.append(path)
+            else:
+                found.append(read_ccd_header(path))
         except InputError as exc:
             skipped.append((str(path), str(exc)))
+    ingested = []
+    if plain and ingest_dir is None:
+        raise InputError(f"{plain[0]}: a plain image; it is made into a CCD file in the "
+                         f"run's directory, and none was given")
+    if plain:
+        ingested, refused = plain_images.ingest(plain, ingest_dir)
+        skipped += refused
+        for made in ingested:
+            try:
+                found.append(read_ccd_header(Path(ingest_dir) / made.ccd_file))
+            except InputError as exc:
+                skipped.append((made.source, str(exc)))
     seen: dict[tuple[int, int], str] = {}
     unique = []
     for ccd in found:
@@ -314,20 +362,23 @@ def load_survey(source, skymap: SkyMap | None = None, *, pixel_scale_arcsec: flo
         raise InputError(f"{source}: no usable CCD" + (f"; first problem: {skipped[0][1]}"
                                                        if skipped else ""))
     if skymap is None:
+        if pixel_scale_arcsec is None:
+            pixel_scale_arcsec = round(float(np.median([c.pixel_scale for c in unique])), 3)
         skymap = SkyMap.covering([c.corners for c in unique], pixel_scale_arcsec,
                                  patch_inner, patch_border)
     ccds = []
     for ccd in unique:
         patches = skymap.patches_overlapping(ccd.corners)
         if patches:
-            ccds.append(CcdInput(ccd.path, ccd.visit, ccd.ccd, ccd.shape, ccd.corners, patches))
+            ccds.append(dataclasses.replace(ccd, patches=patches))
         else:
             skipped.append((ccd.path, f"{ccd.path}: overlaps no patch of the sky map"))
     if not ccds:
         raise InputError(f"{source}: no CCD overlaps the sky map; first problem: "
                          f"{skipped[0][1]}")
     ccds.sort(key=lambda c: c.key)
-    return {"ccds": tuple(ccds), "skymap": skymap, "skipped": tuple(skipped)}
+    return {"ccds": tuple(ccds), "skymap": skymap, "skipped": tuple(skipped),
+            "ingested": tuple(ingested)}
 
 
 def _file_bytes(paths) -> int:
@@ -354,6 +405,7 @@ def calibrate_kernel(ccd: CcdInput, workdir: str, params: AstroParams):
     no_data = ~np.isfinite(image) | ~np.isfinite(variance) | (variance < 0)
     mask[no_data] |= 1 << bits["NO_DATA"]
     saturated = (mask & (1 << bits["SAT"])) != 0
+    stars = saturated_stars(saturated, image_header, ccd, params.saturation_grow)
     if saturated.any() and params.saturation_grow > 0:
         near = distance_transform_edt(~saturated) <= params.saturation_grow
         mask[near] |= 1 << bits["SAT"]
@@ -397,7 +449,41 @@ def calibrate_kernel(ccd: CcdInput, workdir: str, params: AstroParams):
         "MASK": (mask, fitsio.mask_header(bits)),
         "VARIANCE": (variance, None)})
     return ccd.key, str(path), {"cosmic_ray_pixels": int(crmask.sum()),
-                                "background_median": float(np.median(background))}
+                                "background_median": float(np.median(background)),
+                                "saturated": stars}
+
+
+SATURATED_DTYPE = np.dtype([
+    ("visit", "i4"), ("ccd", "i4"),
+    ("ra", "f8"), ("dec", "f8"),  # centre of the saturated pixels, degrees
+    ("pixels", "i4"),  # saturated pixels (the camera's SAT plane, before growing)
+    ("radius_arcsec", "f8"),  # of the hole the grown mask leaves, plus the warp's reach
+])
+
+
+def saturated_stars(saturated: np.ndarray, image_header, ccd: CcdInput,
+                    grow: int) -> np.ndarray:
+    """The saturated stars of one CCD: each 8-connected group of its SAT pixels as the
+    camera marked them. Every usable pixel of them (and `grow` around) is masked, so a
+    star saturated in every visit leaves a hole in the coadd; detect puts it back in the
+    catalog, flagged, from this list (small: it travels through the client)."""
+    from scipy.ndimage import center_of_mass, label
+
+    if not saturated.any():
+        return np.zeros(0, dtype=SATURATED_DTYPE)
+    labels, n = label(saturated, structure=np.ones((3, 3), dtype=bool))
+    index = np.arange(1, n + 1)
+    ys, xs = np.array(center_of_mass(saturated, labels, index)).T
+    pixels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    wcs = _celestial_wcs(image_header)
+    ra, dec = wcs.pixel_to_world_values(xs, ys)
+    scale = math.sqrt(_pixel_area(wcs)) * 3600.0
+    rows = np.zeros(n, dtype=SATURATED_DTYPE)
+    rows["visit"], rows["ccd"] = ccd.key
+    rows["ra"], rows["dec"], rows["pixels"] = ra, dec, pixels
+    # the core's radius, the grown mask, and bilinear warping's one pixel
+    rows["radius_arcsec"] = (np.sqrt(pixels / math.pi) + grow + 1.0) * scale
+    return rows
 
 
 def plan_calibrate(state, ctx: RunContext) -> Plan:
@@ -414,7 +500,9 @@ def plan_calibrate(state, ctx: RunContext) -> Plan:
                 facts[key] = info
         if not calexps:
             raise InputError(f"no CCD could be calibrated; first problem: {skipped[-1][1]}")
-        return {"calexps": calexps, "calibration": facts, "skipped": tuple(skipped)}
+        stars = [facts[key].pop("saturated") for key in sorted(facts)]
+        return {"calexps": calexps, "calibration": facts, "skipped": tuple(skipped),
+                "saturated": np.concatenate(stars)}
 
     return Plan(list(ccds), {"workdir": str(ctx.workdir), "params": ctx.params}, combine,
                 bytes_in=_file_bytes(c.path for c in ccds),
@@ -590,10 +678,28 @@ def coadd_kernel(part, skymap: SkyMap, workdir: str, params: AstroParams, strip_
     for n, ((visit, _), w) in enumerate(zip(warps, weights)):
         header[f"VISIT{n}"] = (visit, f"visit of warp {n}")
         header[f"WEIGHT{n}"] = (w, f"weight of visit {visit}: 1/clipped mean variance")
+    if params.coadd_rescale_variance:
+        factor = variance_scale(coadd, coadd_var)
+        coadd_var *= np.float32(factor)
+        header["VARSCALE"] = (factor, "variance scaled by this: the measured noise")
     path = Path(workdir) / "coadd" / f"p{patch[0]}_{patch[1]}.fits"
     fitsio.write_planes(path, None, {"IMAGE": (coadd, header), "VARIANCE": (coadd_var, None),
                                      "EXPCOUNT": (count, None)})
     return patch, str(path)
+
+
+def variance_scale(image: np.ndarray, variance: np.ndarray, sigma: float = 3.0) -> float:
+    """What the variance plane must be multiplied by to describe the image's scatter: the
+    sigma-clipped variance of image / sqrt(variance) (sources are clipped away); 1 where
+    too few pixels are measured to say (a patch at the survey's edge)."""
+    from astropy.stats import sigma_clipped_stats
+
+    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    if usable.sum() < 100:
+        return 1.0
+    z = image[usable].astype(np.float64) / np.sqrt(variance[usable].astype(np.float64))
+    _, _, std = sigma_clipped_stats(z, sigma=sigma)
+    return float(std) ** 2 if np.isfinite(std) and std > 0 else 1.0
 
 
 def _coadd_emit(record):
@@ -629,10 +735,46 @@ CATALOG_DTYPE = np.dtype([
     ("ra", "f8"), ("dec", "f8"),  # degrees, ICRS
     ("flux", "f8"), ("flux_err", "f8"),  # footprint sum of the background-subtracted coadd
     ("area", "i4"),  # footprint pixels
+    ("flags", "i4"),  # FLAGS bits
 ])
 
+# Per-source flags a user filters on (catalog column `flags`), bit -> meaning.
+FLAG_EDGE, FLAG_BLENDED, FLAG_DEBLENDED, FLAG_SATURATED = 1, 2, 4, 8
+FLAGS = {FLAG_EDGE: "footprint touches pixels with no data (masked in every visit, or "
+                    "beyond the survey): flux and centroid may be cut",
+         FLAG_BLENDED: "footprint holds more than one peak of the filtered image: "
+                       "possibly several sources measured as one",
+         FLAG_DEBLENDED: "cut by the deblender from a larger footprint",
+         FLAG_SATURATED: "a star saturated in every visit that covers it: its core is "
+                         "masked, so its flux is a lower bound (its halo), or NaN where "
+                         "nothing of it was detected (then the row is the saturated "
+                         "pixels' centre, area 0)"}
 
-def detect_kernel(part, skymap: SkyMap, params: AstroParams):
+
+def footprint_flags(segments: np.ndarray, parents: np.ndarray, filtered: np.ndarray,
+                    valid: np.ndarray) -> np.ndarray:
+    """FLAGS per segment label 1..n of `segments` (after deblending; `parents`, the
+    segmentation before it): no-data pixels in a footprint's 8-neighbourhood, peaks of
+    the filtered image (a pixel no 3x3 neighbour exceeds), children of one parent."""
+    from scipy.ndimage import binary_dilation, maximum_filter
+
+    n = int(segments.max())
+    flags = np.zeros(n, dtype=np.int32)
+    if n == 0:
+        return flags
+    near_gap = binary_dilation(~valid, structure=np.ones((3, 3), dtype=bool))
+    flags[np.bincount(segments[near_gap], minlength=n + 1)[1:] > 0] |= FLAG_EDGE
+    peak = (segments > 0) & (filtered == maximum_filter(filtered, size=3, mode="constant",
+                                                        cval=0.0))
+    flags[np.bincount(segments[peak], minlength=n + 1)[1:] > 1] |= FLAG_BLENDED
+    parent = np.zeros(n + 1, dtype=np.int64)
+    parent[segments.ravel()] = parents.ravel()  # a child lies inside one parent
+    children = np.bincount(parent[1:], minlength=int(parents.max()) + 1)
+    flags[children[parent[1:]] > 1] |= FLAG_DEBLENDED
+    return flags
+
+
+def detect_kernel(part, skymap: SkyMap, params: AstroParams, saturated: np.ndarray):
     """Sources of one coadd: background mesh subtracted, PSF-matched filter, footprints
     above `detect_threshold` sigma of the filtered noise, one catalog row per footprint
     whose centroid lies in the patch's inner region."""
@@ -649,7 +791,7 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams):
     valid = np.isfinite(image) & np.isfinite(variance)
     empty = np.zeros(0, dtype=CATALOG_DTYPE)
     if valid.sum() < params.detect_min_pixels:
-        return patch, empty
+        return patch, with_saturated(empty, patch, skymap, saturated, valid)
     try:
         background = Background2D(np.where(valid, image, 0.0), params.detect_background_box,
                                   mask=~valid, coverage_mask=~valid, fill_value=0.0,
@@ -678,7 +820,12 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams):
                                   n_pixels=params.detect_min_pixels, connectivity=8,
                                   mask=~valid)
     if segments is None:
-        return patch, empty
+        return patch, with_saturated(empty, patch, skymap, saturated, valid)
+    parents = segments.data
+    if params.deblend:
+        segments = deblend(filtered, segments, params.detect_min_pixels,
+                           params.deblend_levels, params.deblend_contrast)
+    flags = footprint_flags(segments.data, parents, filtered, valid)
     catalog = SourceCatalog(data, segments, convolved_data=filtered, error=np.sqrt(var),
                             mask=~valid)
     x = np.asarray(catalog.x_centroid, dtype=np.float64)
@@ -692,7 +839,75 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams):
     rows["flux"] = np.asarray(catalog.segment_flux)[own]
     rows["flux_err"] = np.asarray(catalog.segment_flux_err)[own]
     rows["area"] = np.asarray(catalog.area.value)[own]
-    return patch, rows
+    rows["flags"] = flags[np.asarray(catalog.labels) - 1][own]
+    return patch, with_saturated(rows, patch, skymap, saturated, valid)
+
+
+SATURATED_MATCH_PIXELS = 2.0  # one star's centres in different visits lie this close
+
+
+def with_saturated(rows: np.ndarray, patch: Patch, skymap: SkyMap, saturated: np.ndarray,
+                   valid: np.ndarray) -> np.ndarray:
+    """The patch's catalog rows with its saturated stars kept: a star (the CCDs' saturated
+    groups, merged across visits) whose centre lies in the patch's inner region and in a
+    hole of the coadd (saturated in every visit there) flags the rows within its hole's
+    radius FLAG_SATURATED, or, where none was detected, gets a row of its own at its
+    centre (flux NaN). Plain numpy on the catalog rows: every engine's detect calls it."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    if len(saturated) == 0:
+        return rows
+    wcs = skymap.patch_wcs(patch)
+    x, y = wcs.world_to_pixel_values(saturated["ra"], saturated["dec"])
+    near = np.isfinite(x) & np.isfinite(y) & (x > -0.5) & (y > -0.5) & \
+        (x < valid.shape[1] - 0.5) & (y < valid.shape[0] - 0.5)
+    if not near.any():
+        return rows
+    x, y, stars = x[near], y[near], saturated[near]
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(SATURATED_MATCH_PIXELS,
+                                                          output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                       shape=(len(x), len(x)))
+    _, group = connected_components(graph, directed=False)
+    rows = rows.copy()
+    added = []
+    next_id = int(rows["id"].max()) + 1 if len(rows) else 1
+    for g in range(group.max() + 1):  # groups numbered by their first member
+        member = group == g
+        cx, cy = float(x[member].mean()), float(y[member].mean())
+        ix, iy = int(round(cx)), int(round(cy))
+        if not skymap.in_inner(cx, cy) or valid[iy, ix]:
+            continue  # another patch's, or some visit saw it unsaturated: measured there
+        radius = float(stars["radius_arcsec"][member].max()) / skymap.pixel_scale_arcsec
+        hit = np.hypot(rows["x"] - cx, rows["y"] - cy) <= radius
+        rows["flags"][hit] |= FLAG_SATURATED
+        if not hit.any():
+            row = np.zeros(1, dtype=CATALOG_DTYPE)
+            row["patch_x"], row["patch_y"] = patch
+            row["id"], row["x"], row["y"] = next_id, cx, cy
+            row["ra"], row["dec"] = wcs.pixel_to_world_values(cx, cy)
+            row["flux"] = row["flux_err"] = np.nan
+            row["flags"] = FLAG_SATURATED
+            added.append(row)
+            next_id += 1
+    return np.concatenate([rows, *added]) if added else rows
+
+
+def deblend(filtered: np.ndarray, segments, min_pixels: int, levels: int, contrast: float):
+    """photutils' deblend_sources of the footprints on the filtered image, relabelled
+    1..n in label order (shared by every engine's detect)."""
+    from astropy.utils.exceptions import AstropyUserWarning
+    from photutils.segmentation import deblend_sources
+
+    with warnings.catch_warnings():
+        # photutils says when it switches a footprint from exponential to linear levels
+        # (a footprint with values <= 0); the result is still its deblending
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        return deblend_sources(filtered, segments, min_pixels, n_levels=levels,
+                               contrast=contrast, mode="exponential", connectivity=8,
+                               relabel=True, progress_bar=False)
 
 
 def plan_detect(state, ctx: RunContext) -> Plan:
@@ -704,12 +919,14 @@ def plan_detect(state, ctx: RunContext) -> Plan:
         return {"catalog": np.concatenate(tables) if tables
                 else np.zeros(0, dtype=CATALOG_DTYPE)}
 
-    return Plan(coadds, {"skymap": skymap, "params": ctx.params}, combine,
+    return Plan(coadds, {"skymap": skymap, "params": ctx.params,
+                         "saturated": state["saturated"]}, combine,
                 bytes_in=_file_bytes(state["coadds"].values()),
                 voxels=len(coadds) * skymap.patch_shape[0] * skymap.patch_shape[1])
 
 
-CALIBRATE = Step("calibrate", ("ccds", "skipped"), ("calexps", "calibration", "skipped"),
+CALIBRATE = Step("calibrate", ("ccds", "skipped"),
+                 ("calexps", "calibration", "skipped", "saturated"),
                  plan_calibrate, calibrate_kernel,
                  ("saturation_grow", "cr_sigclip", "cr_sigfrac", "cr_objlim", "cr_niter",
                   "background_box", "background_filter", "background_exclude_percentile",
@@ -717,11 +934,13 @@ CALIBRATE = Step("calibrate", ("ccds", "skipped"), ("calexps", "calibration", "s
 WARP = Step("warp", ("ccds", "calexps", "skymap"), ("warps",), plan_warp, warp_kernel,
             ("warp_order",))
 COADD = Step("coadd", ("warps", "skymap"), ("coadds",), plan_coadd, coadd_kernel,
-             ("clip_sigma", "clip_iterations", "weight_clip_sigma"))
-DETECT = Step("detect", ("coadds", "skymap"), ("catalog",), plan_detect, detect_kernel,
+             ("clip_sigma", "clip_iterations", "weight_clip_sigma",
+              "coadd_rescale_variance"))
+DETECT = Step("detect", ("coadds", "skymap", "saturated"), ("catalog",), plan_detect,
+              detect_kernel,
               ("detect_background_box", "background_exclude_percentile",
                "background_clip_sigma", "detect_kernel_fwhm", "detect_threshold",
-               "detect_min_pixels"))
+               "detect_min_pixels", "deblend", "deblend_levels", "deblend_contrast"))
 
 STEPS: tuple[Step, ...] = (CALIBRATE, WARP, COADD, DETECT)
 STEP_BY_NAME = {s.name: s for s in STEPS}

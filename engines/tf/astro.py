@@ -712,7 +712,7 @@ def _coadd_task(part, skymap, workdir, params, strip_rows: int, visits: int):
     return patch, str(path)
 
 
-@native("coadd", compiled=True)
+@native("coadd", compiled=True, follows=("clip_sigma", "clip_iterations", "weight_clip_sigma"))
 def coadd(engine, step, state, ctx, plan):
     shared = plan.shared
     parts = plan.partitions

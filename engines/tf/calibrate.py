@@ -381,6 +381,11 @@ def calibrate_ccd(ccd: astro.CcdInput, workdir: str, params: astro.AstroParams):
     def bit(names):
         return tf.constant(fitsio.bits_value(bits, names), tf.int32)
 
+    # the list of saturated stars the detect step keeps: a few rows of metadata, made by
+    # the reference's own function from the camera's SAT plane
+    stars = astro.saturated_stars((mask.numpy() & (1 << bits["SAT"])) != 0, image_header,
+                                  ccd, params.saturation_grow)
+
     mask, unusable, n_usable, image, variance = _masks_and_fill(
         image, mask, variance, bit(["NO_DATA"]), bit(["SAT"]), bit(astro.UNUSABLE),
         int(params.saturation_grow))
@@ -413,7 +418,8 @@ def calibrate_ccd(ccd: astro.CcdInput, workdir: str, params: astro.AstroParams):
         "MASK": (mask.numpy(), fitsio.mask_header(bits)),
         "VARIANCE": (variance.numpy(), None)})
     return ccd.key, str(path), {"cosmic_ray_pixels": int(cr_pixels),
-                                "background_median": float(background_median)}
+                                "background_median": float(background_median),
+                                "saturated": stars}
 
 
 @native("calibrate", compiled=True)

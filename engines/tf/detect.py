@@ -1105,14 +1105,17 @@ def _wcs_constants(wcs):
 def _patch_graph(params: astro.AstroParams, border: int, inner: int):
     """The detect of one patch for these parameters (one trace per patch shape): the
     background (`background_2d_graph`), the reference's fallback where Background2D
-    raises, then `sources`, XLA-compiled."""
+    raises, then `footprints` and `measure`, XLA-compiled. With deblending on, the
+    footprints go through photutils' deblend_sources on the host between the two (its
+    multi-thresholding and scikit-image's watershed, whose tie-breaking order is its own:
+    the one part of this step that is not TensorFlow)."""
     taps = _gaussian_taps(params.detect_kernel_fwhm)
     taps_sq = taps * taps
     n_pixels = params.detect_min_pixels
 
     @tf.function(jit_compile=True)
-    def sources(image, variance, valid, background, wcs):
-        """Matched filter, segmentation, catalog columns; the owned rows first."""
+    def footprints(image, variance, valid, background):
+        """Matched filter and segmentation."""
         data = tf.where(valid, image - background, 0.0)
         var = tf.where(valid, variance, 0.0)
         filtered = _correlate1d(_correlate1d(data, taps, 0), taps, 1)
@@ -1124,10 +1127,14 @@ def _patch_graph(params: astro.AstroParams, border: int, inner: int):
                                           n_pixels)
         n_valid = tf.reduce_sum(tf.cast(valid, I32))
         n_segments = tf.where(n_valid < n_pixels, 0, n_segments)  # the reference's early out
+        return data, var, filtered, segments, n_segments
 
+    @tf.function(jit_compile=True)
+    def measure(data, var, filtered, valid, segments, parents, n_segments, wcs):
+        """Catalog columns and flags; the owned rows first."""
         # SourceCatalog: moments of the filtered image (negative values count as 0),
         # flux of the data, error of sqrt(var) squared, area: sums over each segment
-        height, width = image.shape
+        height, width = data.shape
         slots = height * width // n_pixels + 1  # no more segments can exist
         weight = tf.where((segments > 0) & (filtered >= 0), filtered, 0.0)
         ys, xs = tf.meshgrid(tf.range(height, dtype=F64), tf.range(width, dtype=F64),
@@ -1142,6 +1149,8 @@ def _patch_graph(params: astro.AstroParams, border: int, inner: int):
         label = tf.range(1, slots + 1, dtype=I32)
         own = ((label <= n_segments) & (x >= lo) & (x < hi) & (y >= lo) & (y < hi)
                & tf.math.is_finite(x) & tf.math.is_finite(y))
+        flags = _footprint_flags(segments, parents, filtered, valid, label <= n_segments,
+                                 slots)
         # owned rows first, in id order: the reference's catalog[own]
         count = tf.reduce_sum(tf.cast(own, I32))
         position = tf.where(own, tf.cumsum(tf.cast(own, I32)) - 1,
@@ -1151,10 +1160,10 @@ def _patch_graph(params: astro.AstroParams, border: int, inner: int):
         ra, dec = _stg_pixel_to_world(x, y, wcs)
         return (count, tf.gather(label, order), x, y, ra, dec, tf.gather(sums[:, 3], order),
                 tf.sqrt(tf.gather(sums[:, 4], order)),
-                tf.cast(tf.gather(sums[:, 5], order), I32))
+                tf.cast(tf.gather(sums[:, 5], order), I32), tf.gather(flags, order))
 
     @tf.function
-    def run(image, variance, wcs):
+    def background_of(image, variance):
         image, variance = tf.cast(image, F64), tf.cast(variance, F64)
         valid = tf.math.is_finite(image) & tf.math.is_finite(variance)
         background, ok = background_2d_graph(
@@ -1165,18 +1174,63 @@ def _patch_graph(params: astro.AstroParams, border: int, inner: int):
         if not ok:  # Background2D raised ValueError (no box usable): the reference
             # subtracts the sigma-clipped median of the image
             background = tf.fill(tf.shape(image), _clipped_median(image, valid))
-        return sources(image, variance, valid, background, wcs)
+        return image, variance, valid, background
+
+    def run(image, variance, wcs):
+        image, variance, valid, background = background_of(image, variance)
+        data, var, filtered, segments, n_segments = footprints(image, variance, valid,
+                                                               background)
+        parents = segments
+        if params.deblend and int(n_segments) > 0:
+            from photutils.segmentation import SegmentationImage
+
+            split = astro.deblend(filtered.numpy(), SegmentationImage(segments.numpy()),
+                                  n_pixels, params.deblend_levels, params.deblend_contrast)
+            segments = tf.constant(split.data.astype(np.int32))
+            n_segments = tf.constant(int(split.max_label), I32)
+        return measure(data, var, filtered, valid, segments, parents, n_segments, wcs)
 
     return run
 
 
+def _footprint_flags(segments, parents, filtered, valid, in_use, slots):
+    """astro.footprint_flags per label 1..slots (0 where not `in_use`)."""
+    height, width = filtered.shape
+    flat = tf.reshape(segments, [-1])
+
+    def neighbourhood_max(grid, pad):
+        padded = tf.pad(grid, [[1, 1], [1, 1]], constant_values=pad)
+        out = grid
+        for dy in range(3):
+            for dx in range(3):
+                out = tf.maximum(out, padded[dy:dy + height, dx:dx + width])
+        return out
+
+    # scipy's binary_dilation with a 3x3 structure (outside the patch: not a gap)
+    near_gap = neighbourhood_max(tf.cast(~valid, I32), 0)
+    edge = tf.math.unsorted_segment_max(tf.reshape(near_gap, [-1]), flat, slots + 1)[1:] > 0
+    # scipy's maximum_filter(size=3, mode="constant", cval=0.0)
+    peak = (segments > 0) & (filtered == neighbourhood_max(filtered, 0.0))
+    peaks = tf.math.unsorted_segment_sum(tf.reshape(tf.cast(peak, I32), [-1]), flat,
+                                         slots + 1)[1:]
+    parent = tf.math.unsorted_segment_max(tf.reshape(parents, [-1]), flat, slots + 1)[1:]
+    parent = tf.where(in_use, parent, 0)  # an unused slot's max is the type's lowest
+    children = tf.math.unsorted_segment_sum(tf.cast(in_use, I32), parent, slots + 1)
+    deblended = in_use & (tf.gather(children, parent) > 1)
+    flags = (tf.where(in_use & edge, astro.FLAG_EDGE, 0)
+             | tf.where(in_use & (peaks > 1), astro.FLAG_BLENDED, 0)
+             | tf.where(deblended, astro.FLAG_DEBLENDED, 0))
+    return tf.cast(flags, I32)
+
+
 def _as_catalog(patch, outputs) -> np.ndarray:
     """The output boundary: the patch's first `count` rows as CATALOG_DTYPE."""
-    count, label, x, y, ra, dec, flux, flux_err, area = (t.numpy() for t in outputs)
+    count, label, x, y, ra, dec, flux, flux_err, area, flags = (t.numpy() for t in outputs)
     rows = np.zeros(int(count), dtype=astro.CATALOG_DTYPE)
     rows["patch_x"], rows["patch_y"] = patch
     for column, values in (("id", label), ("x", x), ("y", y), ("ra", ra), ("dec", dec),
-                           ("flux", flux), ("flux_err", flux_err), ("area", area)):
+                           ("flux", flux), ("flux_err", flux_err), ("area", area),
+                           ("flags", flags)):
         rows[column] = values[:count]
     return rows
 
@@ -1197,6 +1251,10 @@ def detect(engine, step, state, ctx, plan):
     for done, (patch, path) in enumerate(plan.partitions, 1):
         image, variance = _read_patch(path)
         outputs = run(image, variance, _wcs_constants(skymap.patch_wcs(patch)))
-        results.append((patch, _as_catalog(patch, outputs)))
+        # the saturated stars: the reference's own numpy on the output rows
+        valid = np.isfinite(image.numpy()) & np.isfinite(variance.numpy())
+        results.append((patch, astro.with_saturated(_as_catalog(patch, outputs), patch,
+                                                    skymap, plan.shared["saturated"],
+                                                    valid)))
         engine._report(step.name, done, len(plan.partitions))
     return plan.combine(results)

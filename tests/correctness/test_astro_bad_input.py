@@ -99,7 +99,7 @@ def test_no_usable_ccd_is_one_error(tmp_path):
         astro.load_survey(tmp_path)
     assert "\n" not in str(err.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no .fits files"):
+    with pytest.raises(InputError, match="no FITS files"):
         astro.load_survey(tmp_path / "empty")
     with pytest.raises(InputError, match="no such file or directory"):
         astro.load_survey(tmp_path / "nothing-here")

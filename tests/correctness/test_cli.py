@@ -150,13 +150,19 @@ def test_cli_b0_threshold_runs_small_101d(engine, tmp_path):
     assert run["params"]["b0_threshold"] == SMALL_101D_B0
 
 
-def test_small_101d_reference_is_dipy_called_directly(tmp_path):
+def test_small_101d_reference_is_dipy_called_directly(tmp_path, monkeypatch):
     """The reference's mask and tensor maps on small_101D (b0 threshold 50) are what
-    dipy itself gives: median_otsu on the mean b0, and TensorModel (WLS, min_signal=1) on
-    the denoised data within that mask."""
+    dipy itself gives: median_otsu on the mean b0 (with dipy's own Otsu threshold, which
+    the pipeline pins: median_otsu takes scikit-image's when it is importable, and
+    photutils' deblender brings scikit-image), and TensorModel (WLS, min_signal=1) on the
+    denoised data within that mask."""
+    import dipy.segment.mask
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
     from dipy.segment.mask import median_otsu
+    from dipy.segment.threshold import otsu
+
+    monkeypatch.setattr(dipy.segment.mask, "otsu", otsu)
 
     want = small_101d_reference(tmp_path)
     dwi, bvals, bvecs = small_101d()
@@ -193,6 +199,42 @@ def test_cli_bad_parameters_are_one_line(args, says, tmp_path):
     assert proc.stderr.startswith(f"error: {says}"), proc.stderr
 
 
+def pytest_session(*args):
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           "--no-history", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["-m", "perf", "--param", "deblend=true"],
+     "--param changes {'astro': {'deblend': True}}: perf figures are measured with the "
+     "pinned parameters"),
+    (["--param", "bogus=1"], "--param bogus: no such parameter of either pipeline"),
+    (["--param", "deblend=maybe"], "--param deblend=maybe: not a bool"),
+    (["-m", "perf", "--param", "deblend=true", "--perf-params", "--gate"],
+     "--gate judges the pinned parameters' times; drop --param"),
+])
+def test_pytest_param_is_checked_and_kept_out_of_perf(args, says):
+    """The suite's own --param: checked as the command's is; perf tests refuse it unless
+    --perf-params (and the gate always), so that benchmark figures stay comparable."""
+    proc = pytest_session("--collect-only", "-q", *args)
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout[-2000:]
+    assert f"ERROR: {says}" in proc.stderr, proc.stderr
+
+
+def test_pytest_param_reaches_reference_and_engines():
+    """With --param the reference is recomputed under it and each engine is held to it:
+    the reference's deblended M13 catalog (every engine's in test_deblend.py); an engine's
+    own step that does not follow a changed parameter is an expected failure."""
+    proc = pytest_session("-q", "tests/correctness/test_steps.py", "--engine", "reference",
+                          "--engine", "tensorflow", "--dataset", "survey-tiny", "-k",
+                          "warp", "--param", "warp_order=nearest-neighbor", "-rx")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "1 passed" in proc.stdout
+    if "tensorflow unavailable" not in proc.stdout:
+        assert "follows the pinned warp_order='bilinear' only" in proc.stdout
+
+
 def test_a_parameter_an_engine_does_not_follow_is_refused():
     """An engine's own fit that is WLS only, asked for OLS, refuses before any work in one
     line rather than computing WLS under an OLS label; a parameter it follows passes; the
@@ -222,6 +264,10 @@ def test_a_parameter_an_engine_does_not_follow_is_refused():
     with pytest.raises(StepNotImplemented, match="tensorflow does not implement brain_mask"):
         tensorflow.check_params(neuro.STEPS, neuro.NeuroParams(median_radius=2))
     tensorflow.check_params(neuro.STEPS, neuro.NeuroParams(patch_radius=2))  # followed
+    from pipelines import astro
+    with pytest.raises(StepNotImplemented, match="tensorflow does not implement coadd"):
+        tensorflow.check_params(astro.STEPS, astro.AstroParams(coadd_rescale_variance=True))
+    tensorflow.check_params(astro.STEPS, astro.AstroParams(deblend=True))  # followed
 
 
 def test_step_params_name_what_the_kernels_read():

@@ -277,6 +277,9 @@ def _coadd(path, rng, skymap, patch, strip=None):
     for _ in range(40):
         cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
         image += rng.uniform(5, 300) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 3.0)
+    for cy, cx in ((40, 100), (100, 40)):  # close pairs: one footprint, two peaks
+        for dy, flux in ((0, 400.0), (4, 150.0)):
+            image += flux * np.exp(-((y - cy - dy) ** 2 + (x - cx) ** 2) / 3.0)
     variance = np.full(shape, 1.0) + 0.01 * np.abs(image)
     if strip is None:
         image[(y + 2 * x) < 90] = np.nan
@@ -289,25 +292,33 @@ def _coadd(path, rng, skymap, patch, strip=None):
     return str(path)
 
 
-def test_patch_is_detect_kernel(tmp_path):
+@pytest.mark.parametrize("deblend", [False, True])
+def test_patch_is_detect_kernel(tmp_path, deblend):
     """The whole patch graph against the reference's kernel on synthetic coadds: one with
     a no-data corner, one where no box is usable (Background2D raises and the reference
-    falls back on the clipped median)."""
+    falls back on the clipped median); footprints deblended or not, flags included."""
     from pipelines import astro
     skymap = astro.SkyMap(150.0, 2.0, 0.333, 128, 16, 2, 2)
-    params = astro.AstroParams()
+    params = astro.AstroParams(deblend=deblend)
+    flagged = np.zeros(0, dtype=np.int32)
     run = detect._patch_graph(params, skymap.patch_border, skymap.patch_inner)
     rng = np.random.default_rng(8)
     for k, (patch, strip) in enumerate([((0, 1), None), ((1, 0), (50, 80))]):
         path = _coadd(tmp_path / f"p{k}.fits", rng, skymap, patch, strip)
-        _, want = astro.detect_kernel((patch, path), skymap, params)
+        _, want = astro.detect_kernel((patch, path), skymap, params,
+                                       np.zeros(0, dtype=astro.SATURATED_DTYPE))
         image, variance = detect._read_patch(path)
         got = detect._as_catalog(patch, run(image, variance,
                                             detect._wcs_constants(skymap.patch_wcs(patch))))
         assert len(want) > 0 and len(got) == len(want), (k, len(got), len(want))
-        for column in ("patch_x", "patch_y", "id", "area"):
+        for column in ("patch_x", "patch_y", "id", "area", "flags"):
             np.testing.assert_array_equal(got[column], want[column])
         for column in ("x", "y", "ra", "dec"):
             np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-9)
         for column in ("flux", "flux_err"):
             np.testing.assert_allclose(got[column], want[column], rtol=1e-12)
+        flagged = np.concatenate([flagged, want["flags"]])
+    # every flag this setting can raise was raised somewhere, so each was compared
+    raised = np.bitwise_or.reduce(flagged)
+    assert raised & astro.FLAG_EDGE
+    assert raised & (astro.FLAG_DEBLENDED if deblend else astro.FLAG_BLENDED)

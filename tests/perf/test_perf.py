@@ -16,12 +16,14 @@ pytestmark = pytest.mark.perf
 
 
 @pytest.mark.each_step(whole=True)
-def test_perf(step, engine, dataset, reference, bench, tmp_path):
+def test_perf(step, engine, dataset, params, reference, bench, tmp_path):
     pipeline = PIPELINES[dataset.pipeline]
     # One run folder per input: each run's large files must outlive the round.
-    ctxs = [RunContext(tmp_path / f"run{i}", pipeline.Params(), pipeline.Partitioning())
+    ctxs = [RunContext(tmp_path / f"run{i}", params, pipeline.Partitioning())
             for i in range(len(reference))]
     steps = pipeline.STEPS if step == "pipeline" else [pipeline.STEP_BY_NAME[step]]
+    engine.check_params(steps, params)  # pinned (conftest refuses --param without
+    # --perf-params); with it, an engine's own step may not follow a changed one
     if step == "pipeline":
         states = [run.source.load_state() for run in reference]
 

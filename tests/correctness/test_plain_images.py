@@ -1,0 +1,196 @@
+"""Plain FITS images (one image HDU, a celestial WCS, a camera's keywords or none) go in
+as they come: what the loader assumes for each is checked value by value, and the real
+plain image astropy ships (M13) runs through the command on every engine."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from fixtures.datasets import load_dataset, m13_path
+from fixtures.reference import reference_run
+from pipelines import astro, plain_images
+from pipelines.errors import InputError
+from tests.astro_checks import assert_catalog_match, assert_fits_match
+from tests.checks import tolerances_of
+
+pytestmark = pytest.mark.correctness
+ROOT = Path(__file__).resolve().parents[2]
+M13_SKY = ["--pixel-scale", "1.0", "--patch-inner", "128", "--patch-border", "16"]
+
+
+def m13():
+    with fits.open(m13_path()) as hdul:
+        return hdul[0].data.copy(), hdul[0].header.copy()
+
+
+def write_plain(path: Path, data=None, extension=False, **keywords) -> Path:
+    """M13's image and WCS (or `data`), with keywords added; in the primary HDU or, with
+    `extension`, in an image extension after an empty primary holding the keywords."""
+    image, header = m13()
+    data = image if data is None else data
+    if extension:
+        primary = fits.PrimaryHDU(header=fits.Header(keywords))
+        fits.HDUList([primary, fits.ImageHDU(data, header)]).writeto(path)
+    else:
+        header.update(keywords)
+        fits.PrimaryHDU(data, header).writeto(path)
+    return path
+
+
+def ingest_one(path, tmp_path):
+    made, skipped = plain_images.ingest([path], tmp_path / "ccds")
+    assert skipped == [] and len(made) == 1
+    with fits.open(tmp_path / "ccds" / made[0].ccd_file) as hdul:
+        planes = {p: hdul[p].data.astype(np.float64) for p in ("IMAGE", "MASK", "VARIANCE")}
+        return made[0], planes, hdul[0].header.copy()
+
+
+def test_gain_and_read_noise_make_the_variance(tmp_path):
+    made, planes, primary = ingest_one(
+        write_plain(tmp_path / "a.fits", GAIN=2.0, RDNOISE=5.0), tmp_path)
+    image, _ = m13()
+    assert np.array_equal(planes["IMAGE"], image.astype(np.float32))
+    want = np.maximum(image, 0) / 2.0 + (5.0 / 2.0) ** 2
+    assert np.allclose(planes["VARIANCE"], want, rtol=1e-6)  # float32 on disk
+    assert made.variance_from.startswith("GAIN 2") and made.gain == 2.0
+    assert primary["GAIN"] == 2.0 and primary["RDNOISE"] == 5.0
+    # M13 is a photographic survey: its sky scatter is not a CCD's at gain 2, and the
+    # record says how far the model is from the measured noise.
+    assert made.noise_ratio > 1
+
+
+def test_without_gain_the_variance_is_the_images_own_noise(tmp_path):
+    from astropy.stats import sigma_clipped_stats
+
+    made, planes, _ = ingest_one(write_plain(tmp_path / "a.fits"), tmp_path)
+    image, _ = m13()
+    e = plain_images.EDGE_PIXELS
+    _, sky, sigma = sigma_clipped_stats(image[e:-e, e:-e].astype(np.float64), sigma=3.0)
+    want = sigma ** 2 * np.maximum(image, sky) / sky
+    assert np.allclose(planes["VARIANCE"], want, rtol=1e-6)
+    assert made.variance_from.startswith("image noise") and made.noise_ratio == 1.0
+    # the edge frame is masked EDGE, and nothing else is masked
+    edge = 1 << astro.fitsio.DEFAULT_MASK_BITS["EDGE"]
+    assert (planes["MASK"] != 0).sum() == made.masked_edge == (planes["MASK"] == edge).sum()
+    assert made.masked_edge == 300 * 300 - (300 - 2 * e) ** 2
+
+
+def test_nan_and_saturated_pixels_are_masked(tmp_path):
+    image, _ = m13()
+    data = image.astype(np.float32)
+    data[100:103, 50] = np.nan
+    data[200, 200:205] = 40000.0
+    made, planes, primary = ingest_one(
+        write_plain(tmp_path / "a.fits", data, SATURATE=35000.0), tmp_path)
+    bits = astro.fitsio.DEFAULT_MASK_BITS
+    mask = planes["MASK"].astype(np.int64)
+    assert made.masked_no_data == 3 and (mask[100:103, 50] & (1 << bits["NO_DATA"])).all()
+    assert made.masked_saturated == 5 and (mask[200, 200:205] & (1 << bits["SAT"])).all()
+    assert made.saturation_from == "SATURATE" and primary["SATURATE"] == 35000.0
+    assert np.isfinite(planes["VARIANCE"]).all()
+    # an int16 image without SATURATE: its full scale is the saturation level
+    made, _, _ = ingest_one(write_plain(tmp_path / "b.fits"), tmp_path / "b")
+    assert (made.saturation, made.saturation_from) == (32767.0, "int16 full scale")
+
+
+def test_image_in_an_extension_takes_the_primarys_keywords(tmp_path):
+    made, _, primary = ingest_one(
+        write_plain(tmp_path / "a.fits", extension=True, EXPNUM=4711, CCDNUM=7, EGAIN=1.5),
+        tmp_path)
+    assert (made.hdu, made.visit, made.visit_from, made.ccd) == (1, 4711, "EXPNUM", 7)
+    assert made.gain == 1.5 and primary["VISIT"] == 4711
+
+
+def test_visits_from_the_time_of_observation(tmp_path):
+    """Two CCDs of one exposure and a later exposure, with DATE-OBS only."""
+    first = "2015-02-17T03:10:21.5"
+    paths = [write_plain(tmp_path / name, **{"DATE-OBS": date})
+             for name, date in (("c.fits", "2015-02-17T04:00:00"), ("a.fits", first),
+                                ("b.fits", first))]
+    made, skipped = plain_images.ingest(paths, tmp_path / "ccds")
+    assert skipped == []
+    got = {Path(m.source).name: (m.visit, m.ccd) for m in made}
+    assert got == {"c.fits": (2, 1), "a.fits": (1, 1), "b.fits": (1, 2)}
+    assert {m.visit_from for m in made} == {"DATE-OBS"}
+    # without any time or visit keyword: one visit per file
+    lone = [write_plain(tmp_path / f"n{k}.fits") for k in range(2)]
+    made, _ = plain_images.ingest(lone, tmp_path / "lone")
+    assert [(m.visit, m.visit_from) for m in made] == [(1, "one per file"),
+                                                       (2, "one per file")]
+
+
+def test_zero_points_put_images_on_one_flux_scale(tmp_path):
+    paths = [write_plain(tmp_path / "a.fits", VISIT=1, MAGZERO=30.0),
+             write_plain(tmp_path / "b.fits", VISIT=2, MAGZERO=31.0)]
+    made, _ = plain_images.ingest(paths, tmp_path / "ccds")
+    assert made[0].flux_scale == 1.0
+    assert made[1].flux_scale == pytest.approx(10 ** -0.4)  # 1 mag deeper: fainter counts
+
+
+def refused(tmp_path, path) -> str:
+    made, skipped = plain_images.ingest([path], tmp_path / "ccds")
+    assert made == [] and len(skipped) == 1 and "\n" not in skipped[0][1]
+    return skipped[0][1]
+
+
+def test_what_cannot_be_placed_on_the_sky_is_refused_with_the_reason(tmp_path):
+    image, header = m13()
+    header["CTYPE1"], header["CTYPE2"] = "LINEAR", "LINEAR"
+    fits.PrimaryHDU(image, header).writeto(tmp_path / "linear.fits")
+    assert "no celestial WCS (axis types: 'LINEAR', 'LINEAR')" in \
+        refused(tmp_path, tmp_path / "linear.fits")
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(image, header),
+                  fits.ImageHDU(image, header)]).writeto(tmp_path / "two.fits")
+    assert "2 image HDUs" in refused(tmp_path, tmp_path / "two.fits")
+    fits.PrimaryHDU(np.stack([image, image]), m13()[1]).writeto(tmp_path / "cube.fits")
+    assert "not a 2-D image" in refused(tmp_path, tmp_path / "cube.fits")
+    write_plain(tmp_path / "date.fits", **{"DATE-OBS": "last tuesday"})
+    assert "is not a date" in refused(tmp_path, tmp_path / "date.fits")
+
+
+def test_a_plain_image_needs_a_directory_to_be_made_into(tmp_path):
+    with pytest.raises(InputError, match="a plain image"):
+        astro.load_survey(write_plain(tmp_path / "a.fits"))
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipelines", "astro", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_refuses_an_image_off_the_sky_in_one_line(tmp_path):
+    image, header = m13()
+    header["CTYPE1"], header["CTYPE2"] = "LINEAR", "LINEAR"
+    fits.PrimaryHDU(image, header).writeto(tmp_path / "linear.fits")
+    proc = run_cli("--images", tmp_path / "linear.fits", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "no celestial WCS" in proc.stderr
+
+
+def test_cli_runs_astropys_m13_as_it_ships(engine, tmp_path):
+    """The real plain image, given as it is: every engine's catalog and coadds are the
+    survey-m13 dataset's on the reference (that dataset is made by the same loader)."""
+    engine.check_implements(astro.STEPS)
+    out = tmp_path / "out"
+    proc = run_cli("--engine", engine.name, "--workers", "2", "--images", m13_path(),
+                   *M13_SKY, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    survey = load_dataset("survey-m13").inputs[0]
+    ref = reference_run(survey)
+    got = Table.read(out / "catalog.fits").as_array()
+    assert len(got) > 100  # a globular cluster: hundreds of stars
+    assert_catalog_match(got, ref.state["catalog"], 1.0, tolerances_of(engine, "astro"))
+    for patch, path in ref.state["coadds"].items():
+        assert_fits_match(f"coadd {patch}", out / "coadd" / Path(path).name, path,
+                          engine.tolerance("coadd", "coadds"))
+    run = json.loads((out / "run.json").read_text())
+    (made,) = run["ingested"]
+    assert made["source"] == str(m13_path()) and made["visit_from"] == "one per file"
+    assert made["variance_from"].startswith("image noise")
+    assert (out / "ccds" / made["ccd_file"]).is_file() and "ccds/" in run["outputs"]
+    assert proc.stderr.splitlines()[0].startswith(f"{m13_path()}: visit 1 (one per file)")
