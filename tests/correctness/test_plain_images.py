@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS
 
 from fixtures.datasets import load_dataset, m13_path
 from fixtures.reference import reference_run
@@ -194,3 +195,70 @@ def test_cli_runs_astropys_m13_as_it_ships(engine, tmp_path):
     assert made["variance_from"].startswith("image noise")
     assert (out / "ccds" / made["ccd_file"]).is_file() and "ccds/" in run["outputs"]
     assert proc.stderr.splitlines()[0].startswith(f"{m13_path()}: visit 1 (one per file)")
+
+
+def star_field(path: Path, shift, date: str, rng, stars) -> Path:
+    """One exposure of a star field made here by hand, not by the suite's generator: a
+    CCD-like int16 image (sky 1000 counts, gain 2 e-/count, read noise 5 e-, Gaussian
+    stars of sigma 1.5 pixels, clipped at 30000 counts) with a TAN WCS at 0.5"/pixel,
+    pointed `shift` pixels away from the field's centre."""
+    gain, read_noise, saturation = 2.0, 5.0, 30000.0
+    y, x = np.mgrid[:300, :300]
+    model = np.full((300, 300), 1000.0)
+    for sx, sy, flux in stars:
+        model += flux / (2 * np.pi * 1.5 ** 2) * np.exp(
+            -((x - sx - shift[0]) ** 2 + (y - sy - shift[1]) ** 2) / (2 * 1.5 ** 2))
+    electrons = rng.poisson(model * gain) + rng.normal(0.0, read_noise, model.shape)
+    image = np.minimum(np.round(electrons / gain), saturation).astype(np.int16)
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [210.0, 12.0]
+    wcs.wcs.crpix = [150.5 + shift[0], 150.5 + shift[1]]
+    wcs.wcs.cdelt = [-0.5 / 3600, 0.5 / 3600]
+    header = wcs.to_header()
+    header.update({"GAIN": gain, "RDNOISE": read_noise, "SATURATE": saturation,
+                   "DATE-OBS": date, "EXPTIME": 60.0})
+    fits.PrimaryHDU(image, header).writeto(path)
+    return path
+
+
+def test_cli_on_a_hand_made_star_field_keeps_its_saturated_stars(tmp_path):
+    """Two exposures (DATE-OBS only, GAIN/RDNOISE/SATURATE) of a field made here: the
+    variance model from the gain is the noise the pixels have, every star saturated in
+    both exposures is in the catalog at its place, flagged, and the unsaturated bright
+    stars are found unflagged."""
+    rng = np.random.default_rng(42)
+    # a jittered 6x6 grid: 36 pixels apart, more than a saturated star's masked hole
+    grid = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2) * 36 + 60
+    stars = np.column_stack([grid + rng.uniform(-4, 4, grid.shape),
+                             10 ** rng.uniform(4.0, 6.5, len(grid))])
+    paths = [star_field(tmp_path / f"exp{k}.fits", shift, date, rng, stars)
+             for k, (shift, date) in enumerate((((0.0, 0.0), "2024-03-01T02:00:00"),
+                                                ((1.3, 0.7), "2024-03-01T02:05:00")))]
+    out = tmp_path / "out"
+    proc = run_cli("--images", *paths, "--patch-inner", "200", "--patch-border", "20",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert [(m["visit"], m["visit_from"]) for m in run["ingested"]] == [(1, "DATE-OBS"),
+                                                                       (2, "DATE-OBS")]
+    for made in run["ingested"]:
+        assert made["variance_from"].startswith("GAIN 2 e-/count, read noise 5 e-")
+        # the gain's model is the noise the pixels were made with (the counts were
+        # rounded: +1/12 count^2 of a 268 count^2 sky variance)
+        assert made["noise_ratio"] == pytest.approx(1.0, abs=0.03)
+    catalog = Table.read(out / "catalog.fits").as_array()
+    wcs = WCS(fits.getheader(paths[0]))
+    sx, sy = stars[:, 0], stars[:, 1]
+    cx, cy = wcs.world_to_pixel_values(catalog["ra"], catalog["dec"])
+    nearest = np.array([np.hypot(cx - x, cy - y).min() for x, y in zip(sx, sy)])
+    which = np.array([np.hypot(cx - x, cy - y).argmin() for x, y in zip(sx, sy)])
+    peak = stars[:, 2] / (2 * np.pi * 1.5 ** 2) + 1000.0
+    saturated = peak > 30000.0 * 1.2  # clearly saturated in both exposures
+    clear = peak < 30000.0 * 0.5
+    flagged = (catalog["flags"][which] & astro.FLAG_SATURATED) != 0
+    print(f"\n{saturated.sum()} saturated stars: {(flagged & saturated).sum()} flagged, "
+          f"nearest rows within {nearest[saturated].max():.2f} px")
+    assert saturated.sum() >= 5
+    assert (nearest[saturated] <= 1.5).all() and flagged[saturated].all()
+    assert (nearest[clear] <= 1.0).all() and not flagged[clear].any()
