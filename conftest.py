@@ -150,6 +150,18 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize("dataset", names, indirect=True, scope="session")
 
 
+def pytest_collection_finish(session):
+    """Perf tests refuse --param (after -m and -k chose the tests: a correctness run with
+    --param is what it is for)."""
+    changed = changed_params(session.config)
+    if changed and not session.config.getoption("perf_params") and \
+            any(item.get_closest_marker("perf") for item in session.items):
+        raise pytest.UsageError(
+            f"--param changes {changed}: perf figures are measured with the pinned "
+            f"parameters, so that they compare across runs; add --perf-params to time "
+            f"these anyway (kept out of the history and the gate)")
+
+
 def engine_names(config) -> list[str]:
     return list(dict.fromkeys(config.getoption("engine") or ENGINES))  # each once
 
@@ -174,13 +186,6 @@ def pytest_collection_modifyitems(config, items):
         return rank.get(params.get("engine"), -1) if params else -1
 
     items.sort(key=engine_rank)  # stable: tests without an engine first, as collected
-    changed = changed_params(config)
-    if changed and not config.getoption("perf_params") and \
-            any(item.get_closest_marker("perf") for item in items):
-        raise pytest.UsageError(
-            f"--param changes {changed}: perf figures are measured with the pinned "
-            f"parameters, so that they compare across runs; add --perf-params to time "
-            f"these anyway (kept out of the history and the gate)")
     for item in items:  # what the capability matrix needs to know of each engine test
         params = getattr(item, "callspec", None) and item.callspec.params
         if params and "engine" in params:

@@ -108,14 +108,21 @@ def load_astro(args, params):
         return [str(survey.directory)], survey.load_state()
     if not args.ccds:
         raise InputError("give --ccds FILES or DIRECTORIES, or --dataset")
-    files = [f for source in args.ccds for f in astro.ccd_files(source)]
+    # a run's own products (an --out inside an input folder) are never its input
+    out = args.out.resolve()
+    files = [f for source in args.ccds for f in astro.ccd_files(source)
+             if out not in f.resolve().parents]
+    if not files:
+        raise InputError(f"{args.ccds[0]}: no FITS files outside the output folder {out}")
     state = astro.load_survey(files, ingest_dir=args.out / "ccds",
                               pixel_scale_arcsec=args.pixel_scale, patch_inner=args.patch_inner,
                               patch_border=args.patch_border)
-    if state["ingested"] and not args.quiet:
-        for made in state["ingested"]:
+    for made in state["ingested"]:
+        if not args.quiet:
             print(f"{made.source}: visit {made.visit} ({made.visit_from}), CCD {made.ccd}, "
                   f"variance from {made.variance_from}", file=sys.stderr)
+        if made.warning:  # a warning is shown even with --quiet
+            print(f"warning: {made.source}: {made.warning}", file=sys.stderr)
     return [str(s) for s in args.ccds], state
 
 
@@ -130,7 +137,12 @@ def write_neuro(final, out: Path) -> list[str]:
 def write_astro(final, out: Path) -> list[str]:
     from astropy.table import Table
 
-    Table(final["catalog"]).write(out / "catalog.fits", overwrite=True)
+    from pipelines import astro
+
+    table = Table(final["catalog"])
+    for bit, meaning in astro.FLAGS.items():  # what each bit of `flags` means, in the file
+        table.meta[f"FLAG{bit}"] = meaning
+    table.write(out / "catalog.fits", overwrite=True)
     made = ["ccds/"] if final.get("ingested") else []  # plain images made into CCD files
     return made + ["calexp/", "warp/", "coadd/", "catalog.fits"]
 
@@ -150,21 +162,24 @@ def execute(args) -> dict:
         if getattr(args, "b0_threshold", None) is not None else []
     named += ["deblend=true"] if getattr(args, "deblend", False) else []
     params, changed = override(pipeline.Params(), named + args.param, args.pipeline)
+    options = {opt.dest: getattr(args, opt.dest) for opt in engine_options()}
+    engine = create_engine(args.engine, workers=args.workers, **options)
+    engine.check_implements(pipeline.STEPS)  # before any work, not after minutes of it
+    engine.check_params(pipeline.STEPS, params)
+    seconds = {}
+    start = time.perf_counter()
     inputs, state = load(args, params)
+    if state.get("ingested"):  # plain images made into CCD files: part of the run's time
+        seconds["ingest"] = round(time.perf_counter() - start, 3)
     skipped = state.get("skipped", ())
     partitioning = pipeline.Partitioning()
     args.out.mkdir(parents=True, exist_ok=True)
-    seconds = {}
 
     def on_step(name, s):
         seconds[name] = round(s, 3)
         if not args.quiet:
             print(f"{name}: {s:.2f} s", file=sys.stderr)
 
-    options = {opt.dest: getattr(args, opt.dest) for opt in engine_options()}
-    engine = create_engine(args.engine, workers=args.workers, **options)
-    engine.check_implements(pipeline.STEPS)  # before any work, not after minutes of it
-    engine.check_params(pipeline.STEPS, params)
     engine.log_dir = args.out  # stderr is this command's progress and errors only
     with engine:
         if not args.quiet:

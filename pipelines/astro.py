@@ -329,7 +329,10 @@ def load_survey(source, skymap: SkyMap | None = None, *, ingest_dir=None,
     from . import plain_images
 
     found, skipped, plain = [], [], []
-    for path in ccd_files(source):
+    files = list(dict.fromkeys(Path(p).resolve() for p in ccd_files(source)))  # each once
+    label = str(source) if isinstance(source, (str, Path)) or not files else \
+        str(files[0]) + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+    for path in files:
         try:
             if plain_images.is_plain(path):
                 plain.append(path)
@@ -342,7 +345,9 @@ def load_survey(source, skymap: SkyMap | None = None, *, ingest_dir=None,
         raise InputError(f"{plain[0]}: a plain image; it is made into a CCD file in the "
                          f"run's directory, and none was given")
     if plain:
-        ingested, refused = plain_images.ingest(plain, ingest_dir)
+        # visits made up for plain images come after the CCD files' own
+        ingested, refused = plain_images.ingest(
+            plain, ingest_dir, first_visit=max((c.visit for c in found), default=0) + 1)
         skipped += refused
         for made in ingested:
             try:
@@ -359,7 +364,7 @@ def load_survey(source, skymap: SkyMap | None = None, *, ingest_dir=None,
             seen[ccd.key] = ccd.path
             unique.append(ccd)
     if not unique:
-        raise InputError(f"{source}: no usable CCD" + (f"; first problem: {skipped[0][1]}"
+        raise InputError(f"{label}: no usable CCD" + (f"; first problem: {skipped[0][1]}"
                                                        if skipped else ""))
     if skymap is None:
         if pixel_scale_arcsec is None:
@@ -374,7 +379,7 @@ def load_survey(source, skymap: SkyMap | None = None, *, ingest_dir=None,
         else:
             skipped.append((ccd.path, f"{ccd.path}: overlaps no patch of the sky map"))
     if not ccds:
-        raise InputError(f"{source}: no CCD overlaps the sky map; first problem: "
+        raise InputError(f"{label}: no CCD overlaps the sky map; first problem: "
                          f"{skipped[0][1]}")
     ccds.sort(key=lambda c: c.key)
     return {"ccds": tuple(ccds), "skymap": skymap, "skipped": tuple(skipped),
@@ -748,7 +753,7 @@ FLAGS = {FLAG_EDGE: "footprint touches pixels with no data (masked in every visi
          FLAG_SATURATED: "a star saturated in every visit that covers it: its core is "
                          "masked, so its flux is a lower bound (its halo), or NaN where "
                          "nothing of it was detected (then the row is the saturated "
-                         "pixels' centre, area 0)"}
+                         "pixels' centre, area 0, id < 0)"}
 
 
 def footprint_flags(segments: np.ndarray, parents: np.ndarray, filtered: np.ndarray,
@@ -790,8 +795,9 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams, saturated: np.ndarr
         variance = fitsio.read_plane(hdul, "VARIANCE", path=path).astype(np.float64)
     valid = np.isfinite(image) & np.isfinite(variance)
     empty = np.zeros(0, dtype=CATALOG_DTYPE)
+    nothing = np.zeros((0, 2))
     if valid.sum() < params.detect_min_pixels:
-        return patch, with_saturated(empty, patch, skymap, saturated, valid)
+        return patch, with_saturated(empty, patch, skymap, saturated, valid, nothing)
     try:
         background = Background2D(np.where(valid, image, 0.0), params.detect_background_box,
                                   mask=~valid, coverage_mask=~valid, fill_value=0.0,
@@ -820,7 +826,7 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams, saturated: np.ndarr
                                   n_pixels=params.detect_min_pixels, connectivity=8,
                                   mask=~valid)
     if segments is None:
-        return patch, with_saturated(empty, patch, skymap, saturated, valid)
+        return patch, with_saturated(empty, patch, skymap, saturated, valid, nothing)
     parents = segments.data
     if params.deblend:
         segments = deblend(filtered, segments, params.detect_min_pixels,
@@ -840,19 +846,21 @@ def detect_kernel(part, skymap: SkyMap, params: AstroParams, saturated: np.ndarr
     rows["flux_err"] = np.asarray(catalog.segment_flux_err)[own]
     rows["area"] = np.asarray(catalog.area.value)[own]
     rows["flags"] = flags[np.asarray(catalog.labels) - 1][own]
-    return patch, with_saturated(rows, patch, skymap, saturated, valid)
-
-
-SATURATED_MATCH_PIXELS = 2.0  # one star's centres in different visits lie this close
+    found = np.isfinite(x) & np.isfinite(y)
+    return patch, with_saturated(rows, patch, skymap, saturated, valid,
+                                 np.column_stack([x[found], y[found]]))
 
 
 def with_saturated(rows: np.ndarray, patch: Patch, skymap: SkyMap, saturated: np.ndarray,
-                   valid: np.ndarray) -> np.ndarray:
-    """The patch's catalog rows with its saturated stars kept: a star (the CCDs' saturated
-    groups, merged across visits) whose centre lies in the patch's inner region and in a
-    hole of the coadd (saturated in every visit there) flags the rows within its hole's
-    radius FLAG_SATURATED, or, where none was detected, gets a row of its own at its
-    centre (flux NaN). Plain numpy on the catalog rows: every engine's detect calls it."""
+                   valid: np.ndarray, footprints: np.ndarray) -> np.ndarray:
+    """The patch's catalog rows with the saturated stars kept. A star is the CCDs'
+    saturated groups merged across visits (centres within half their masked hole's
+    radius); one whose centre lies in a hole of the coadd (saturated in every visit)
+    flags FLAG_SATURATED the rows within its hole's radius, wherever in the patch grid
+    it lies (its halo may be this patch's while its centre is a neighbour's); and the
+    patch that owns its centre gives it a row of its own there (flux NaN, id < 0) when no
+    footprint at all (`footprints`: every centroid, owned or not) lies within that
+    radius. Plain numpy on the catalog rows: every engine's detect calls it."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
@@ -866,32 +874,34 @@ def with_saturated(rows: np.ndarray, patch: Patch, skymap: SkyMap, saturated: np
     if not near.any():
         return rows
     x, y, stars = x[near], y[near], saturated[near]
-    pairs = cKDTree(np.column_stack([x, y])).query_pairs(SATURATED_MATCH_PIXELS,
+    radius = stars["radius_arcsec"] / skymap.pixel_scale_arcsec
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(0.5 * float(radius.max()),
                                                           output_type="ndarray")
+    if len(pairs):
+        apart = np.hypot(x[pairs[:, 0]] - x[pairs[:, 1]], y[pairs[:, 0]] - y[pairs[:, 1]])
+        pairs = pairs[apart <= 0.5 * np.minimum(radius[pairs[:, 0]], radius[pairs[:, 1]])]
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
                        shape=(len(x), len(x)))
     _, group = connected_components(graph, directed=False)
     rows = rows.copy()
     added = []
-    next_id = int(rows["id"].max()) + 1 if len(rows) else 1
     for g in range(group.max() + 1):  # groups numbered by their first member
         member = group == g
         cx, cy = float(x[member].mean()), float(y[member].mean())
-        ix, iy = int(round(cx)), int(round(cy))
-        if not skymap.in_inner(cx, cy) or valid[iy, ix]:
-            continue  # another patch's, or some visit saw it unsaturated: measured there
-        radius = float(stars["radius_arcsec"][member].max()) / skymap.pixel_scale_arcsec
-        hit = np.hypot(rows["x"] - cx, rows["y"] - cy) <= radius
-        rows["flags"][hit] |= FLAG_SATURATED
-        if not hit.any():
+        if valid[int(round(cy)), int(round(cx))]:
+            continue  # some visit saw it unsaturated: measured there like any source
+        reach = float(radius[member].max())
+        rows["flags"][np.hypot(rows["x"] - cx, rows["y"] - cy) <= reach] |= FLAG_SATURATED
+        seen = len(footprints) and \
+            (np.hypot(footprints[:, 0] - cx, footprints[:, 1] - cy) <= reach).any()
+        if skymap.in_inner(cx, cy) and not seen:
             row = np.zeros(1, dtype=CATALOG_DTYPE)
             row["patch_x"], row["patch_y"] = patch
-            row["id"], row["x"], row["y"] = next_id, cx, cy
+            row["id"], row["x"], row["y"] = -1 - len(added), cx, cy
             row["ra"], row["dec"] = wcs.pixel_to_world_values(cx, cy)
             row["flux"] = row["flux_err"] = np.nan
             row["flags"] = FLAG_SATURATED
             added.append(row)
-            next_id += 1
     return np.concatenate([rows, *added]) if added else rows
 
 

@@ -53,16 +53,18 @@ def mask_header(bits: dict[str, int]):
     return header
 
 
-def open_fits(path):
+def open_fits(path, memmap: bool = True, **options):
     """Open a FITS file, turning astropy's ways of saying 'corrupt' into one InputError.
-    Truncation, which astropy only warns about, is an error here."""
+    Truncation, which astropy only warns about, is an error here. Memory-mapped by
+    default (workers read the rows they need); astropy cannot map scaled integers
+    (BZERO/BSCALE/BLANK), which a plain image's reader opens with memmap=False."""
     from astropy.io import fits
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", fits.verify.VerifyWarning)
             warnings.filterwarnings("error", message="File may have been truncated")
-            hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
+            hdul = fits.open(path, memmap=memmap, lazy_load_hdus=False, **options)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (OSError, ValueError, TypeError, Warning) as exc:

@@ -6,22 +6,29 @@ IMAGE, MASK, VARIANCE and the exposure's facts), one per image, in the run's dir
 What a plain file lacks is filled in from the file itself, and every choice is recorded
 per file (`Ingested`, written to run.json), because each one changes the answer:
 - mask: empty, plus an `EDGE_PIXELS` frame (the detector's edge, where a resampled image
-  and the background mesh are least reliable), NaN pixels (NO_DATA) and pixels at the
-  saturation level (SAT): SATURATE / SATLEVEL, else an integer image's full scale;
-- variance: from the gain and read noise (GAIN / EGAIN / CCDGAIN, RDNOISE / READNOIS /
-  RON / ENOISE) as counts / gain + (read noise / gain)^2; without a gain, from the
-  image's own noise: Poisson-like, scaled so the sky's variance equals the sky's
-  measured (3-sigma clipped) scatter, var = sigma_sky^2 * max(image, sky) / sky;
-  either way the ratio of the measured sky scatter to the model is recorded;
-- visit: VISIT or EXPNUM, else the exposure time (DATE-OBS, MJD-OBS: files taken at the
-  same time are one visit, numbered in time order), else one visit per file;
+  and the background mesh are least reliable), NaN or BLANK pixels (NO_DATA) and pixels
+  at the saturation level (SAT): SATURATE / SATLEVEL, else an integer image's full scale;
+- variance: with a gain (GAIN / EGAIN / CCDGAIN, electrons per count) and read noise
+  (RDNOISE / READNOIS / RON / ENOISE, electrons), counts / gain + (read noise / gain)^2;
+  without one, Poisson-like from the image's own noise, scaled so the sky's variance is
+  the sky's measured (3-sigma clipped) scatter: sigma_sky^2 * max(image, sky) / sky. An
+  image whose sky was already subtracted (sky level under its scatter) has no sky term
+  to count: its variance is the measured sky variance, plus image / gain with a gain.
+  The measured sky scatter over the model's is recorded (`noise_ratio`), and a model
+  that is off by more than `NOISE_RATIO_WARN` says so (`warning`);
+- visit: VISIT or EXPNUM, else the exposure's time (MJD-OBS, DATE-OBS with its time or
+  with TIME-OBS / UT: files taken in the same second are one exposure, numbered in time
+  order), else one visit per file; visits made up are numbered after `first_visit`;
 - CCD: CCDNUM, else the file's order within its visit;
 - flux scale: from a photometric zero point (MAGZERO / MAGZPT / PHOTZP), when every file
   has one, onto the first file's; otherwise the images' own counts.
+Two files that would be the same (visit, CCD), or the same file twice, are refused: the
+second one is skipped with the reason.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +43,8 @@ GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
 READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "ENOISE")
 SATURATION_KEYS = ("SATURATE", "SATLEVEL")
 VISIT_KEYS = ("VISIT", "EXPNUM")
-TIME_KEYS = ("MJD-OBS", "DATE-OBS")
 ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "PHOTZP")
+NOISE_RATIO_WARN = (0.7, 1.4)  # measured / modelled sky noise outside this: said so
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Ingested:
     masked_no_data: int
     masked_saturated: int
     noise_ratio: float  # the sky's measured scatter / the variance model's, in sky pixels
+    warning: str | None = None
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -78,7 +86,6 @@ class _Header:
     path: Path
     hdu: int
     header: object  # the image HDU's header, with the primary's cards it lacks
-    time: tuple  # (MJD, keyword) of the exposure, or (None, None)
 
     def get(self, keys):
         """(value, keyword) of the first keyword present, else (None, None)."""
@@ -88,10 +95,55 @@ class _Header:
                 return value, key
         return None, None
 
+    def number(self, keys, integer=False, positive=False):
+        """(value, keyword) of the first of `keys` present, checked: InputError, one line,
+        for a value that is not a (whole, positive) number."""
+        value, key = self.get(keys)
+        if value is None:
+            return None, None
+        what = "a whole number" if integer else "a number"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{self.path}: {key} = {value!r} is not {what}") from None
+        if not math.isfinite(number) or (integer and number != int(number)) or \
+                (positive and number <= 0):
+            raise InputError(f"{self.path}: {key} = {value!r} is not "
+                             f"{'a positive ' + what[2:] if positive else what}")
+        return (int(number) if integer else number), key
+
+    def time(self):
+        """(MJD, keyword) of the exposure, or (None, None) where the header has no time of
+        day: a date alone cannot tell a night's exposures apart."""
+        from astropy.time import Time
+
+        mjd, key = self.number(("MJD-OBS",))
+        if mjd is not None:
+            return mjd, key
+        date, _ = self.get(("DATE-OBS",))
+        if date is None:
+            return None, None
+        text = str(date).strip().replace(" ", "T")
+        text = re.sub(r"(Z|[+-]00:?00)$", "", text)  # UTC spelled out: what FITS means
+        if "T" not in text:
+            clock, clock_key = self.get(("TIME-OBS", "UT"))
+            if clock is None:
+                return None, None
+            text, key = f"{text}T{str(clock).strip()}", f"DATE-OBS and {clock_key}"
+        else:
+            key = "DATE-OBS"
+        try:
+            return float(Time(text, format="isot", scale="utc").mjd), key
+        except ValueError:
+            raise InputError(f"{self.path}: {key} {date!r} is not a date and time "
+                             f"(ISO 8601, as FITS writes it)") from None
+
 
 def _image_hdu(hdul, path) -> int:
+    """The one HDU holding an image (two or more axes longer than 1; 1-D vectors beside
+    it, as SDSS frames carry, are not images)."""
     images = [i for i, h in enumerate(hdul)
-              if h.is_image and h.header.get("NAXIS", 0) > 0]
+              if h.is_image and sum(n > 1 for n in (h.shape or ())) >= 2]
     if not images:
         raise InputError(f"{path}: no image in any HDU")
     if len(images) > 1:
@@ -116,43 +168,28 @@ def _read_header(path: Path) -> _Header:
                                                                         "HISTORY"):
                     header.append(fits.Card(card.keyword, card.value, card.comment))
     celestial_wcs(header, path)  # refused here, before any file is converted
-    return _Header(Path(path), index, header, _time_of(path, header))
+    return _Header(Path(path), index, header)
 
 
-def _time_of(path, header):
-    key = next((k for k in TIME_KEYS if header.get(k) not in (None, "")), None)
-    if key is None:
-        return None, None
-    value = header[key]
-    from astropy.time import Time
-
-    try:
-        if key == "MJD-OBS":
-            return float(value), key
-        return float(Time(str(value), format="isot", scale="utc").mjd), key
-    except ValueError:
-        raise InputError(f"{path}: {key} {value!r} is not a date (ISO or MJD)") from None
-
-
-def _assign_visits(headers: list[_Header]) -> list[tuple[int, str]]:
+def _assign_visits(headers: list[_Header], first_visit: int) -> list[tuple[int, str]]:
     """(visit, where it came from) per file: one rule for the whole set, so that visits
     from keywords and visits made up are never mixed."""
-    own = [h.get(VISIT_KEYS) for h in headers]
+    own = [h.number(VISIT_KEYS, integer=True) for h in headers]
     if all(v is not None for v, _ in own):
-        return [(int(v), k) for v, k in own]
-    times = [h.time for h in headers]
+        return list(own)
+    times = [h.time() for h in headers]
     if all(t is not None for t, _ in times):
         # The same instant to a second is the same exposure (a camera's CCDs).
         rounded = [round(t * 86400.0) for t, _ in times]
-        order = {t: n + 1 for n, t in enumerate(sorted(set(rounded)))}
+        order = {t: first_visit + n for n, t in enumerate(sorted(set(rounded)))}
         return [(order[r], k) for r, (_, k) in zip(rounded, times)]
-    return [(n + 1, "one per file") for n in range(len(headers))]
+    return [(first_visit + n, "one per file") for n in range(len(headers))]
 
 
 def _assign_ccds(headers, visits) -> list[tuple[int, str]]:
-    own = [h.get(("CCDNUM",)) for h in headers]
+    own = [h.number(("CCDNUM",), integer=True) for h in headers]
     if all(v is not None for v, _ in own):
-        return [(int(v), "CCDNUM") for v, _ in own]
+        return list(own)
     seen: dict[int, int] = {}
     found = []
     for visit, _ in visits:
@@ -162,55 +199,85 @@ def _assign_ccds(headers, visits) -> list[tuple[int, str]]:
 
 
 def _flux_scales(headers) -> list[tuple[float, str]]:
-    points = [h.get(ZERO_POINT_KEYS) for h in headers]
-    if not all(v is not None for v, _ in points):
+    points = [h.number(ZERO_POINT_KEYS) for h in headers]
+    if not points or not all(v is not None for v, _ in points):
         return [(1.0, "none (no zero point in every file): the images' own counts")] * \
             len(headers)
-    first = float(points[0][0])
-    return [(float(10.0 ** (-0.4 * (float(v) - first))), f"{k} onto the first file's")
+    first = points[0][0]
+    return [(float(10.0 ** (-0.4 * (v - first))), f"{k} onto the first file's")
             for v, k in points]
 
 
-def _saturation(h: _Header, raw_dtype) -> tuple[float | None, str]:
-    value, key = h.get(SATURATION_KEYS)
+def _saturation(h: _Header, bitpix: int) -> tuple[float | None, str]:
+    value, key = h.number(SATURATION_KEYS)
     if value is not None:
-        return float(value), key
-    if np.issubdtype(raw_dtype, np.integer):
-        # Integer pixels stop at their type's top: that value is a saturated pixel.
-        top = np.iinfo(raw_dtype).max
-        scaled = top * float(h.header.get("BSCALE", 1.0)) + float(h.header.get("BZERO", 0.0))
-        return float(scaled), f"{np.dtype(raw_dtype).name} full scale"
+        return value, key
+    if bitpix > 0:
+        # Integer pixels stop at their type's top (FITS: 8 bits unsigned, others signed,
+        # BZERO shifting them: 16 bits with BZERO 32768 is a uint16 camera's 65535).
+        raw = np.dtype({8: "u1", 16: "i2", 32: "i4", 64: "i8"}[bitpix])
+        scale = float(h.header.get("BSCALE", 1.0))
+        top = np.iinfo(raw).max * scale + float(h.header.get("BZERO", 0.0))
+        kind = "unsigned" if bitpix == 8 or h.header.get("BZERO", 0) > 0 else "signed"
+        return float(top), f"{bitpix}-bit {kind} integer full scale"
     return None, "none (no SATURATE keyword, floating-point pixels)"
 
 
-def _positive(h: _Header, keys) -> tuple[float | None, str | None]:
-    value, key = h.get(keys)
-    try:
-        value = float(value) if value is not None else None
-    except (TypeError, ValueError):
-        raise InputError(f"{h.path}: {key} = {value!r} is not a number") from None
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise InputError(f"{h.path}: {key} = {value} is not a non-negative number")
-    return value, key
+def _read_image(h: _Header):
+    """(image as float64 with NaN for BLANK, BITPIX): scaled by BSCALE/BZERO by hand,
+    as astropy cannot scale a memory-mapped image."""
+    with fitsio.open_fits(h.path, memmap=False, do_not_scale_image_data=True) as hdul:
+        hdu = hdul[h.hdu]
+        bitpix = hdu.header["BITPIX"]
+        try:
+            raw = np.squeeze(np.asarray(hdu.data))
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{h.path}: cannot read its image "
+                             f"({str(exc).splitlines()[0]})") from None
+        blank = hdu.header.get("BLANK") if bitpix > 0 else None
+        image = raw.astype(np.float64) * float(hdu.header.get("BSCALE", 1.0)) + \
+            float(hdu.header.get("BZERO", 0.0))
+    if blank is not None:
+        image[raw == blank] = np.nan
+    return image, bitpix
+
+
+def _variance(h, image, usable, sky, sigma):
+    """(variance, how it was made, gain and read noise for the CCD file, model's sky
+    variance)."""
+    gain, gain_key = h.number(GAIN_KEYS)
+    read_noise = h.number(READ_NOISE_KEYS)[0] or 0.0
+    ignored = ""
+    if gain is not None and gain <= 0:  # some headers write 0 for "not known"
+        gain, ignored = None, f" ({gain_key} = {gain:g} ignored)"
+    holds_sky = sky >= sigma  # a subtracted sky sits within its own scatter of zero
+    if gain and holds_sky:
+        variance = np.maximum(image, 0.0) / gain + (read_noise / gain) ** 2
+        how = f"{gain_key} {gain:g} e-/count, read noise {read_noise:g} e-"
+        return variance, how, gain, read_noise, sky / gain + (read_noise / gain) ** 2
+    if gain:
+        variance = sigma ** 2 + np.maximum(image, 0.0) / gain
+        how = (f"the sky-subtracted image's scatter {sigma:.4g} counts, sources from "
+               f"{gain_key} {gain:g} e-/count")
+        return variance, how, gain, read_noise, sigma ** 2
+    if holds_sky:
+        variance = sigma ** 2 * np.maximum(image, sky) / sky
+        how = f"image noise: sky {sky:.4g}, clipped scatter {sigma:.4g} counts{ignored}"
+        # the calibrate step's cosmic-ray finder needs electrons per count: the sky's own
+        return variance, how, sky / sigma ** 2, 0.0, sigma ** 2
+    variance = np.full(image.shape, sigma ** 2)
+    how = (f"image noise, constant: sky-subtracted (sky {sky:.3g}), clipped scatter "
+           f"{sigma:.4g} counts{ignored}")
+    return variance, how, None, 0.0, sigma ** 2
 
 
 def _convert(h: _Header, visit, ccd, scale, out_dir: Path) -> Ingested:
     from astropy.io import fits
     from astropy.stats import sigma_clipped_stats
 
-    with fitsio.open_fits(h.path) as hdul:
-        bitpix = hdul[h.hdu].header["BITPIX"]
-        try:
-            image = np.squeeze(np.array(hdul[h.hdu].data, dtype=np.float64))
-        except (OSError, ValueError, TypeError) as exc:
-            raise InputError(f"{h.path}: cannot read its image "
-                             f"({str(exc).splitlines()[0]})") from None
-    # FITS integers: 8 bits unsigned, the others signed (BZERO shifts them, in _saturation)
-    raw_dtype = np.dtype({8: "u1", 16: "i2", 32: "i4", 64: "i8"}.get(bitpix, "f8"))
+    image, bitpix = _read_image(h)
     wcs = celestial_wcs(h.header, h.path)
-    saturation, saturation_from = _saturation(h, raw_dtype)
-    gain, gain_key = _positive(h, GAIN_KEYS)
-    read_noise, _ = _positive(h, READ_NOISE_KEYS)
+    saturation, saturation_from = _saturation(h, bitpix)
     no_data = ~np.isfinite(image)
     saturated = np.zeros(image.shape, dtype=bool) if saturation is None else \
         (image >= saturation) & ~no_data
@@ -219,24 +286,16 @@ def _convert(h: _Header, visit, ccd, scale, out_dir: Path) -> Ingested:
     usable = ~(no_data | saturated | edge)
     if not usable.any():
         raise InputError(f"{h.path}: no usable pixel (all NaN, saturated or edge)")
-    clipped = sigma_clipped_stats(image[usable], sigma=3.0)
-    sky, sigma = float(clipped[1]), float(clipped[2])
+    _, sky, sigma = (float(v) for v in sigma_clipped_stats(image[usable], sigma=3.0))
     if not sigma > 0:
         raise InputError(f"{h.path}: the image has no noise to measure (a constant sky)")
-    filled = np.where(no_data, sky, image)
-    if gain:
-        rn = read_noise or 0.0
-        variance = np.maximum(filled, 0.0) / gain + (rn / gain) ** 2
-        variance_from = f"{gain_key} {gain:g} e-/count, read noise {rn:g} e-"
-        model_sky = max(sky, 0.0) / gain + (rn / gain) ** 2
-    elif sky > 0:
-        variance = sigma ** 2 * np.maximum(filled, sky) / sky
-        variance_from = f"image noise: sky {sky:.4g}, clipped scatter {sigma:.4g} counts"
-        gain, read_noise, model_sky = sky / sigma ** 2, 0.0, sigma ** 2
-    else:  # a sky-subtracted image: its sources' own noise cannot be known
-        variance = np.full(image.shape, sigma ** 2)
-        variance_from = f"image noise, constant: sky-subtracted, scatter {sigma:.4g}"
-        gain, read_noise, model_sky = None, 0.0, sigma ** 2
+    image = np.where(no_data, sky, image)
+    variance, how, gain, read_noise, model_sky = _variance(h, image, usable, sky, sigma)
+    ratio = round(sigma / math.sqrt(model_sky), 3)
+    warning = None
+    if not NOISE_RATIO_WARN[0] <= ratio <= NOISE_RATIO_WARN[1]:
+        warning = (f"the sky scatters {ratio:g}x what {how.split(',')[0]} predicts: check "
+                   f"the keywords (are the pixels raw counts?)")
     bits = fitsio.DEFAULT_MASK_BITS
     mask = np.zeros(image.shape, dtype=np.int32)
     mask[edge] |= 1 << bits["EDGE"]
@@ -244,16 +303,14 @@ def _convert(h: _Header, visit, ccd, scale, out_dir: Path) -> Ingested:
     mask[saturated] |= 1 << bits["SAT"]
     primary = fits.Header()
     primary["VISIT"], primary["CCDNUM"] = visit[0], ccd[0]
-    # GAIN here is what the calibrate step's cosmic-ray finder needs: electrons per count
-    # (without a camera gain: the sky's effective one, sky / variance).
-    primary["GAIN"] = gain if gain else 1.0
+    primary["GAIN"] = gain if gain else 1.0  # what the cosmic-ray finder reads
     primary["RDNOISE"] = read_noise or 0.0
     if saturation is not None:
         primary["SATURATE"] = saturation
     primary["FLUXSCAL"] = scale[0]
     primary["SRCFILE"] = (h.path.name, "the plain image this CCD was made from")
     primary["SRCHDU"] = h.hdu
-    for key in TIME_KEYS + ("EXPTIME", "FILTER"):
+    for key in ("MJD-OBS", "DATE-OBS", "EXPTIME", "FILTER"):
         if key in h.header:
             primary[key] = h.header[key]
     path = out_dir / f"v{visit[0]:04d}_c{ccd[0]:03d}.fits"
@@ -262,31 +319,48 @@ def _convert(h: _Header, visit, ccd, scale, out_dir: Path) -> Ingested:
         "MASK": (mask, fitsio.mask_header(bits)),
         "VARIANCE": (variance.astype(np.float32), None)})
     return Ingested(str(h.path), h.hdu, path.name, visit[0], visit[1], ccd[0], ccd[1],
-                    variance_from, gain, read_noise, saturation, saturation_from,
-                    scale[0], scale[1], int(edge.sum()), int(no_data.sum()),
-                    int(saturated.sum()), round(sigma / math.sqrt(model_sky), 3)
-                    if model_sky > 0 else float("nan"))
+                    how, gain, read_noise, saturation, saturation_from, scale[0], scale[1],
+                    int(edge.sum()), int(no_data.sum()), int(saturated.sum()), ratio,
+                    warning)
 
 
-def ingest(paths, out_dir) -> tuple[list[Ingested], list[tuple[str, str]]]:
-    """Plain images made into the pipeline's CCD files in `out_dir`. Returns what was made
-    of each, and the (file, reason) of each that could not be used."""
-    headers, skipped = [], []
+def ingest(paths, out_dir, first_visit: int = 1) -> tuple[list[Ingested],
+                                                          list[tuple[str, str]]]:
+    """Plain images made into the pipeline's CCD files in `out_dir`; visits made up are
+    numbered from `first_visit` (after the CCD files' own). Returns what was made of
+    each, and the (file, reason) of each that could not be used."""
+    headers, skipped, seen = [], [], set()
     for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            skipped.append((str(path), f"{path}: given twice"))
+            continue
+        seen.add(resolved)
         try:
-            headers.append(_read_header(Path(path)))
+            h = _read_header(Path(path))
+            for keys, integer in ((VISIT_KEYS, True), (("CCDNUM",), True),
+                                  (ZERO_POINT_KEYS, False), (GAIN_KEYS, False),
+                                  (READ_NOISE_KEYS, False), (SATURATION_KEYS, False)):
+                h.number(keys, integer=integer)  # each file's own keywords, checked
+            if h.get(VISIT_KEYS)[0] is None:
+                h.time()  # needed only where the visit comes from it
+            headers.append(h)
         except InputError as exc:
             skipped.append((str(path), str(exc)))
-    if not headers:
-        return [], skipped
-    visits = _assign_visits(headers)
+    visits = _assign_visits(headers, first_visit)
     ccds = _assign_ccds(headers, visits)
     scales = _flux_scales(headers)
     made = []
-    out_dir = Path(out_dir)
+    taken: dict[tuple[int, int], str] = {}
     for h, visit, ccd, scale in zip(headers, visits, ccds, scales):
+        key = (visit[0], ccd[0])
+        if key in taken:
+            skipped.append((str(h.path), f"{h.path}: visit {key[0]} CCD {key[1]} "
+                                         f"({visit[1]}, {ccd[1]}) is already {taken[key]}"))
+            continue
         try:
-            made.append(_convert(h, visit, ccd, scale, out_dir))
+            made.append(_convert(h, visit, ccd, scale, Path(out_dir)))
+            taken[key] = str(h.path)
         except InputError as exc:
             skipped.append((str(h.path), str(exc)))
     return made, skipped

@@ -1251,10 +1251,13 @@ def detect(engine, step, state, ctx, plan):
     for done, (patch, path) in enumerate(plan.partitions, 1):
         image, variance = _read_patch(path)
         outputs = run(image, variance, _wcs_constants(skymap.patch_wcs(patch)))
-        # the saturated stars: the reference's own numpy on the output rows
-        valid = np.isfinite(image.numpy()) & np.isfinite(variance.numpy())
-        results.append((patch, astro.with_saturated(_as_catalog(patch, outputs), patch,
-                                                    skymap, plan.shared["saturated"],
-                                                    valid)))
+        rows = _as_catalog(patch, outputs)
+        if len(plan.shared["saturated"]):  # the reference's own numpy on the catalog
+            valid = np.isfinite(image.numpy()) & np.isfinite(variance.numpy())
+            x, y = outputs[2].numpy(), outputs[3].numpy()  # every footprint, owned or not
+            found = np.isfinite(x) & np.isfinite(y)
+            rows = astro.with_saturated(rows, patch, skymap, plan.shared["saturated"], valid,
+                                        np.column_stack([x[found], y[found]]))
+        results.append((patch, rows))
         engine._report(step.name, done, len(plan.partitions))
     return plan.combine(results)

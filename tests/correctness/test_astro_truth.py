@@ -142,7 +142,8 @@ def test_rescaled_coadd_variance_is_the_measured_noise(run, tmp_path):
     sub-pixel offset t, white noise keeps (1-t)^2 + t^2 of its variance per axis, 2/3 on
     average, (2/3)^2 = 4/9 in two; measured: 0.431-0.442 over the 25 patches. With it,
     detection at the same 5 sigma reaches fainter sources (590 -> 1085 rows measured),
-    and must stay as complete and as clean above 10 sigma."""
+    and must stay as complete and as clean (the S/N of a footprint is then optimistic by
+    1.2-1.4x, correlated noise: README; purity counts rows matching the truth)."""
     from astropy.io import fits
 
     from pipelines.steps import RunContext
@@ -167,26 +168,35 @@ def test_rescaled_coadd_variance_is_the_measured_noise(run, tmp_path):
 
 def test_saturated_stars_stay_in_the_catalog_flagged(run):
     """A star saturated in every visit leaves a hole in the coadd (its grown SAT mask):
-    it must still be in the catalog, at its position, flagged saturated. Measured: 26
-    such stars on survey-small, all 26 kept (before the flag existed, all 26 vanished)."""
+    it must still be in the catalog, once, at its position, flagged saturated. The stars
+    are the truth's brightest source within 1" of each saturated group the CCDs saw,
+    where the coadd has a hole. Measured: 25 such stars on survey-small, each with one
+    flagged row within 1" (before the flag existed, all 25 vanished)."""
     truth = run.source.truth("sources")
     coadds = Coadds(run)
     tx, ty = sky_to_tract(run, truth["ra"], truth["dec"])
     saturated = run.state["saturated"]
     sx, sy = sky_to_tract(run, saturated["ra"], saturated["dec"])
     radius = MATCH_ARCSEC / run.state["skymap"].pixel_scale_arcsec
-    seen = cKDTree(np.column_stack([sx, sy])).query(np.column_stack([tx, ty]))[0] <= radius
-    hole = np.array([coadds.locate(x, y)[0] is not None
-                     and not np.isfinite(coadds.value("IMAGE", x, y)) for x, y in zip(tx, ty)])
-    stars = seen & hole  # saturated where some CCD saw it, and no visit measured it
+    tree = cKDTree(np.column_stack([tx, ty]))
+    flux = np.asarray(truth["flux"])
+    stars = set()
+    for hits in tree.query_ball_point(np.column_stack([sx, sy]), radius):
+        if hits:
+            star = max(hits, key=lambda k: flux[k])
+            if coadds.locate(tx[star], ty[star])[0] is not None and \
+                    not np.isfinite(coadds.value("IMAGE", tx[star], ty[star])):
+                stars.add(star)
+    stars = sorted(stars)
     catalog = run.state["catalog"]
     flagged = catalog[(catalog["flags"] & astro.FLAG_SATURATED) != 0]
     fx, fy = sky_to_tract(run, flagged["ra"], flagged["dec"])
-    kept = cKDTree(np.column_stack([fx, fy])).query(
-        np.column_stack([tx[stars], ty[stars]]))[0] <= radius
-    print(f"\nstars saturated in every visit: {stars.sum()}, kept and flagged: {kept.sum()}")
-    assert stars.sum() >= 10, "too few saturated stars for the check to mean anything"
-    assert kept.all()
+    rows_per_star = [len(hits) for hits in cKDTree(np.column_stack([fx, fy])).query_ball_point(
+        np.column_stack([tx[stars], ty[stars]]), radius)]
+    print(f"\nstars saturated in every visit: {len(stars)}, flagged rows within 1\": "
+          f"{rows_per_star}")
+    assert len(stars) >= 10, "too few saturated stars for the check to mean anything"
+    assert all(n == 1 for n in rows_per_star)
 
 
 def test_no_cosmic_ray_reaches_a_coadd(run):

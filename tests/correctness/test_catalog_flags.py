@@ -40,25 +40,32 @@ def saturated_at(skymap, patch, points, radius_arcsec=3.0):
 
 
 def test_saturated_stars_are_flagged_or_kept():
-    skymap = astro.SkyMap(150.0, 2.0, 1.0, 40, 5, 1, 1)
+    skymap = astro.SkyMap(150.0, 2.0, 1.0, 40, 5, 1, 1)  # inner region: pixels 5..44
     patch = (0, 0)
     valid = np.ones(skymap.patch_shape, dtype=bool)
-    for cy, cx in ((10, 10), (30, 30), (3, 25)):  # holes: saturated in every visit
+    for cy, cx in ((10, 10), (30, 30), (3, 25), (25, 47)):  # holes: saturated everywhere
         valid[cy - 1:cy + 2, cx - 1:cx + 2] = False
-    rows = np.zeros(2, dtype=astro.CATALOG_DTYPE)
-    rows["id"], rows["x"], rows["y"], rows["flux"] = (4, 7), (10.5, 20.0), (11.0, 20.0), 1.0
+    rows = np.zeros(3, dtype=astro.CATALOG_DTYPE)
+    rows["id"], rows["flux"] = (4, 7, 9), 1.0
+    rows["x"], rows["y"] = (10.5, 20.0, 44.0), (11.0, 20.0, 25.0)
     stars = saturated_at(skymap, patch, [
-        (10.0, 10.0), (10.2, 10.1),  # one star in two visits; a halo row 1.1 px away
+        (10.0, 10.0), (10.3, 10.2),  # one star in two visits; a halo row 1.1 px away
         (30.0, 30.0),  # nothing of it detected: it gets a row of its own
         (20.0, 25.0),  # measured by some visit (no hole): nothing to do
-        (25.0, 3.0)])  # in the patch's border: its neighbour's to report
-    got = astro.with_saturated(rows, patch, skymap, stars, valid)
-    assert len(got) == 3
-    assert got["flags"][0] == astro.FLAG_SATURATED and got["flags"][1] == 0
-    added = got[2]
-    assert added["flags"] == astro.FLAG_SATURATED and added["id"] == 8
+        (25.0, 3.0),  # in the border, no footprint near: the neighbour patch's to add
+        (47.0, 25.0)])  # the neighbour's star, its halo (row at x=44) this patch's
+    footprints = np.column_stack([rows["x"], rows["y"]])
+    got = astro.with_saturated(rows, patch, skymap, stars, valid, footprints)
+    assert len(got) == 4
+    saturated = astro.FLAG_SATURATED
+    assert list(got["flags"][:3]) == [saturated, 0, saturated]
+    added = got[3]
+    assert added["flags"] == saturated and added["id"] == -1
     assert (added["x"], added["y"]) == pytest.approx((30.0, 30.0)) and added["area"] == 0
     assert np.isnan(added["flux"]) and np.isnan(added["flux_err"])
     ra, dec = skymap.patch_wcs(patch).pixel_to_world_values(30.0, 30.0)
     assert added["ra"] == pytest.approx(ra) and added["dec"] == pytest.approx(dec)
     assert rows["flags"].sum() == 0  # the input rows are not changed in place
+    # a footprint this patch does not own, near the star, is its detection: no NaN row
+    elsewhere = np.vstack([footprints, [[30.0, 32.0]]])
+    assert len(astro.with_saturated(rows, patch, skymap, stars, valid, elsewhere)) == 3

@@ -82,7 +82,7 @@ def test_cli_astro_writes_the_reference_catalog(engine, tmp_path):
                               patch_border=16)
     ctx = RunContext(tmp_path / "ref", astro.AstroParams(), astro.AstroPartitioning())
     want = astro.run_pipeline(ReferenceEngine().start(), state, ctx)
-    got = Table.read(out / "catalog.fits").as_array()
+    got = Table.read(out / "catalog.fits", mask_invalid=False).as_array()
     assert_catalog_match(got, want["catalog"], state["skymap"].pixel_scale_arcsec,
                          tolerances_of(engine, "astro"))
     for patch, path in want["coadds"].items():
@@ -220,6 +220,12 @@ def test_pytest_param_is_checked_and_kept_out_of_perf(args, says):
     proc = pytest_session("--collect-only", "-q", *args)
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout[-2000:]
     assert f"ERROR: {says}" in proc.stderr, proc.stderr
+
+
+def test_pytest_param_is_welcome_in_correctness_runs():
+    proc = pytest_session("--collect-only", "-q", "-m", "correctness", "--param",
+                          "deblend=true", "tests/correctness/test_steps.py")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_pytest_param_reaches_reference_and_engines():

@@ -60,9 +60,35 @@ def test_gain_and_read_noise_make_the_variance(tmp_path):
     assert np.allclose(planes["VARIANCE"], want, rtol=1e-6)  # float32 on disk
     assert made.variance_from.startswith("GAIN 2") and made.gain == 2.0
     assert primary["GAIN"] == 2.0 and primary["RDNOISE"] == 5.0
-    # M13 is a photographic survey: its sky scatter is not a CCD's at gain 2, and the
-    # record says how far the model is from the measured noise.
-    assert made.noise_ratio > 1
+    # M13 is a photographic survey: its sky (120 counts, scatter 11.76) is not a CCD's
+    # at gain 2 (which predicts sqrt(120 / 2 + 2.5^2) = 8.14): the record says so.
+    assert made.noise_ratio == pytest.approx(11.76 / 8.14, abs=0.01)
+    assert made.warning and "1.444x what GAIN 2 e-/count predicts" in made.warning
+    # a gain that fits: no warning
+    made, _, _ = ingest_one(write_plain(tmp_path / "b.fits", GAIN=0.868), tmp_path / "b")
+    assert made.noise_ratio == pytest.approx(1.0, abs=0.01) and made.warning is None
+
+
+def test_sky_subtracted_images_keep_their_sky_noise(tmp_path):
+    """A sky already subtracted has no sky term to count: the variance is the measured
+    sky variance (plus image / gain with a gain), whatever the sign of the residual sky."""
+    image, _ = m13()
+    for residual, keywords in ((0.5, {}), (-0.5, {}), (0.5, {"GAIN": 0.87})):
+        data = image.astype(np.float32) - 120.0 + residual
+        path = write_plain(tmp_path / f"s{residual}{len(keywords)}.fits", data, **keywords)
+        made, planes, _ = ingest_one(path, tmp_path / path.stem)
+        sky_pixels = np.abs(data[20:-20, 20:-20]) < 5
+        median = float(np.median(planes["VARIANCE"][20:-20, 20:-20][sky_pixels]))
+        assert 0.8 < median / 11.76 ** 2 < 1.6, (residual, keywords, median)
+        assert "sky-subtracted" in made.variance_from and made.warning is None
+
+
+def test_keywords_of_the_wrong_kind_are_one_line_each(tmp_path):
+    cases = {"VISIT": "abc", "CCDNUM": 2.5, "SATURATE": "full", "MAGZERO": "n/a"}
+    for key, value in cases.items():
+        path = write_plain(tmp_path / f"{key}.fits", **{key: value})
+        reason = refused(tmp_path / key, path)
+        assert f"{key} = {value!r} is not a" in reason, reason
 
 
 def test_without_gain_the_variance_is_the_images_own_noise(tmp_path):
@@ -96,7 +122,31 @@ def test_nan_and_saturated_pixels_are_masked(tmp_path):
     assert np.isfinite(planes["VARIANCE"]).all()
     # an int16 image without SATURATE: its full scale is the saturation level
     made, _, _ = ingest_one(write_plain(tmp_path / "b.fits"), tmp_path / "b")
-    assert (made.saturation, made.saturation_from) == (32767.0, "int16 full scale")
+    assert (made.saturation, made.saturation_from) == (32767.0,
+                                                       "16-bit signed integer full scale")
+
+
+def test_uint16_images_with_bzero_and_blank(tmp_path):
+    """A uint16 camera's image (BITPIX 16, BZERO 32768: astropy cannot memory-map it),
+    with BLANK pixels and its full scale saturated."""
+    image, header = m13()
+    counts = image.astype(np.int64) * 10 + 30000  # up to ~66000: some pixels clip
+    counts = np.minimum(counts, 65535)
+    hdu = fits.PrimaryHDU(counts.astype(np.uint16), header)  # astropy writes BZERO 32768
+    raw = hdu.data
+    hdu.writeto(tmp_path / "u16.fits")
+    with fits.open(tmp_path / "u16.fits", mode="update", do_not_scale_image_data=True) as h:
+        assert h[0].header["BZERO"] == 32768 and h[0].header["BITPIX"] == 16
+        h[0].header["BLANK"] = -32768  # raw value of a pixel with no data
+        h[0].data[10, 20] = -32768
+    made, planes, _ = ingest_one(tmp_path / "u16.fits", tmp_path)
+    assert (made.saturation, made.saturation_from) == (65535.0,
+                                                       "16-bit unsigned integer full scale")
+    assert made.masked_saturated == int((counts >= 65535).sum()) > 0
+    assert made.masked_no_data == 1
+    keep = np.ones(raw.shape, dtype=bool)
+    keep[10, 20] = False
+    assert np.array_equal(planes["IMAGE"][keep], counts.astype(np.float32)[keep])
 
 
 def test_image_in_an_extension_takes_the_primarys_keywords(tmp_path):
@@ -123,6 +173,35 @@ def test_visits_from_the_time_of_observation(tmp_path):
     made, _ = plain_images.ingest(lone, tmp_path / "lone")
     assert [(m.visit, m.visit_from) for m in made] == [(1, "one per file"),
                                                        (2, "one per file")]
+    # a date alone cannot tell a night's exposures apart; with TIME-OBS it can, and
+    # UTC written out ('+00:00', a space for the T) is still a FITS date
+    night = [write_plain(tmp_path / f"d{k}.fits", **{"DATE-OBS": "2015-02-17"})
+             for k in range(2)]
+    made, _ = plain_images.ingest(night, tmp_path / "night")
+    assert [m.visit_from for m in made] == ["one per file"] * 2
+    clocked = [write_plain(tmp_path / "t0.fits", **{"DATE-OBS": "2015-02-17",
+                                                      "TIME-OBS": "03:10:21"}),
+               write_plain(tmp_path / "t1.fits", **{"DATE-OBS": "2015-02-17 04:00:00+00:00"})]
+    made, skipped = plain_images.ingest(clocked, tmp_path / "clocked")
+    assert skipped == [] and [(m.visit, m.visit_from) for m in made] == [
+        (1, "DATE-OBS and TIME-OBS"), (2, "DATE-OBS")]
+
+
+def test_a_file_twice_or_two_files_of_one_ccd_are_refused(tmp_path):
+    a = write_plain(tmp_path / "a.fits", VISIT=3, CCDNUM=1)
+    b = write_plain(tmp_path / "b.fits", VISIT=3, CCDNUM=1)
+    made, skipped = plain_images.ingest([a, a, b], tmp_path / "ccds")
+    assert [Path(m.source).name for m in made] == ["a.fits"]
+    assert [reason.split(": ", 1)[1] for _, reason in skipped] == [
+        "given twice", f"visit 3 CCD 1 (VISIT, CCDNUM) is already {a}"]
+
+
+def test_an_sdss_like_frame_with_a_calibration_vector_is_one_image(tmp_path):
+    image, header = m13()
+    fits.HDUList([fits.PrimaryHDU(image, header),
+                  fits.ImageHDU(np.ones(300, dtype=np.float32))]).writeto(tmp_path / "f.fits")
+    made, _, _ = ingest_one(tmp_path / "f.fits", tmp_path)
+    assert made.hdu == 0
 
 
 def test_zero_points_put_images_on_one_flux_scale(tmp_path):
@@ -183,7 +262,7 @@ def test_cli_runs_astropys_m13_as_it_ships(engine, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     survey = load_dataset("survey-m13").inputs[0]
     ref = reference_run(survey)
-    got = Table.read(out / "catalog.fits").as_array()
+    got = Table.read(out / "catalog.fits", mask_invalid=False).as_array()
     assert len(got) > 100  # a globular cluster: hundreds of stars
     assert_catalog_match(got, ref.state["catalog"], 1.0, tolerances_of(engine, "astro"))
     for patch, path in ref.state["coadds"].items():
@@ -194,6 +273,8 @@ def test_cli_runs_astropys_m13_as_it_ships(engine, tmp_path):
     assert made["source"] == str(m13_path()) and made["visit_from"] == "one per file"
     assert made["variance_from"].startswith("image noise")
     assert (out / "ccds" / made["ccd_file"]).is_file() and "ccds/" in run["outputs"]
+    header = fits.getheader(out / "catalog.fits", 1)  # the flags say what they mean
+    assert [header[f"FLAG{bit}"] for bit in astro.FLAGS] == list(astro.FLAGS.values())
     assert proc.stderr.splitlines()[0].startswith(f"{m13_path()}: visit 1 (one per file)")
 
 
@@ -247,7 +328,7 @@ def test_cli_on_a_hand_made_star_field_keeps_its_saturated_stars(tmp_path):
         # the gain's model is the noise the pixels were made with (the counts were
         # rounded: +1/12 count^2 of a 268 count^2 sky variance)
         assert made["noise_ratio"] == pytest.approx(1.0, abs=0.03)
-    catalog = Table.read(out / "catalog.fits").as_array()
+    catalog = Table.read(out / "catalog.fits", mask_invalid=False).as_array()
     wcs = WCS(fits.getheader(paths[0]))
     sx, sy = stars[:, 0], stars[:, 1]
     cx, cy = wcs.world_to_pixel_values(catalog["ra"], catalog["dec"])
@@ -262,3 +343,16 @@ def test_cli_on_a_hand_made_star_field_keeps_its_saturated_stars(tmp_path):
     assert saturated.sum() >= 5
     assert (nearest[saturated] <= 1.5).all() and flagged[saturated].all()
     assert (nearest[clear] <= 1.0).all() and not flagged[clear].any()
+    # one row per saturated star, and its flux unknown or a lower bound (its halo)
+    rows_near = [int((np.hypot(cx - x, cy - y) <= 6.0).sum()) for x, y in zip(sx, sy)]
+    assert all(rows_near[k] == 1 for k in np.flatnonzero(saturated))
+    got = catalog["flux"][which[saturated]]
+    assert np.all(np.isnan(got) | (got < stars[saturated, 2]))
+    # --deblend, end to end: the same stars, deblending on (the field has no blends)
+    proc = run_cli("--images", *paths, "--patch-inner", "200", "--patch-border", "20",
+                   "--deblend", "--quiet", "--out", tmp_path / "deblended")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    run = json.loads((tmp_path / "deblended" / "run.json").read_text())
+    assert run["params_changed"] == {"deblend": True}
+    deblended = Table.read(tmp_path / "deblended" / "catalog.fits", mask_invalid=False).as_array()
+    assert len(deblended) == len(catalog)
