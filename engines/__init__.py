@@ -59,6 +59,15 @@ ENGINES = {
         Option("--spark-partitions-per-core", "partitions_per_core", "RDD partitions per "
                "Spark core for a step (default 1, the study's best)", metavar="N", type=int),
     )),
+    "scidb": Entry("engines.scidb", "SciDBEngine", None, (
+        Option("--scidb-url", "url", "run the SciDB engine on this server's shim service "
+               "(http://host:8080; credentials from SCIDB_USER/SCIDB_PASSWORD and "
+               "SHIM_USER/SHIM_PASSWORD); without it the engine is skipped", metavar="URL"),
+        Option("--scidb-python", "python", "the Python on the SciDB server that runs the "
+               "suite's kernels in stream() (default /usr/bin/python3)", metavar="PATH"),
+        Option("--scidb-suite", "suite", "this repository's path on the SciDB server "
+               "(default: the same path as here)", metavar="PATH"),
+    )),
     "tensorflow": Entry("engines.tf", "TensorFlowEngine", "tensorflow", (
         Option("--tf-precision", "precision", "floating point of TensorFlow's heavy steps "
                "(default float64, which matches the reference to its own bounds; float32 "

@@ -5,8 +5,9 @@ been idle for a minute; the next task then forks a new one. Forked from a daemon
 already imported dipy, astropy and the rest, a new worker starts warm, and a step that
 follows a pause (the reference's turn in a benchmark session, say) does not pay ~5 s of
 imports inside its timed region. Those objects are also frozen out of the garbage
-collector's reach, which makes every task after the first 0.04 s cheaper. The imports start no threads (one BLAS thread, set in
-the workers' environment), which is what PySpark asks of code run before its fork.
+collector's reach, which makes every task after the first 0.04 s cheaper. The imports
+start no threads (one BLAS thread, set in the workers' environment), which is what
+PySpark asks of code run before its fork.
 """
 from pipelines import prepare_worker
 

@@ -197,13 +197,17 @@ def plan_brain_mask(state, ctx: RunContext) -> Plan:
 
 
 def noise_sigma_kernel(part, params: NeuroParams):
+    dwi, indices = part
+    return [sigma_of(nifti.read_volume(dwi, k), params.sigma_coils,
+                     params.sigma_background_masking) for k in indices]
+
+
+def sigma_of(volume, coils: int, background_masking: bool) -> float:
+    """One volume's noise: dipy's estimate_sigma (the kernels and SciDB's stream child)."""
     from dipy.denoise.noise_estimate import estimate_sigma
 
-    dwi, indices = part
-    return [float(estimate_sigma(nifti.read_volume(dwi, k),
-                                 disable_background_masking=not params.sigma_background_masking,
-                                 N=params.sigma_coils)[0])
-            for k in indices]
+    return float(estimate_sigma(volume, disable_background_masking=not background_masking,
+                                N=coils)[0])
 
 
 def plan_noise_sigma(state, ctx: RunContext) -> Plan:
@@ -223,17 +227,23 @@ def plan_noise_sigma(state, ctx: RunContext) -> Plan:
 
 
 def denoise_kernel(part, mask, params: NeuroParams):
-    from dipy.denoise.nlmeans import nlmeans
-
     dwi, out, items = part
     for k, sigma in items:
-        volume = nifti.read_volume(dwi, k)
-        # num_threads=1: the engine supplies the parallelism, one volume per worker core.
-        den = nlmeans(volume, sigma, mask=mask, patch_radius=params.patch_radius,
-                      block_radius=params.block_radius, rician=params.rician,
-                      num_threads=1, method=params.nlmeans_method)
-        nifti.write_volume(out, k, den.astype(np.float32))
+        den = denoise_volume(nifti.read_volume(dwi, k), sigma, mask, params.patch_radius,
+                             params.block_radius, params.rician, params.nlmeans_method)
+        nifti.write_volume(out, k, den)
     return len(items)
+
+
+def denoise_volume(volume, sigma: float, mask, patch_radius: int, block_radius: int,
+                   rician: bool, method: str) -> np.ndarray:
+    """One volume through dipy's nlmeans, as float32 (the kernels and SciDB's child)."""
+    from dipy.denoise.nlmeans import nlmeans
+
+    # num_threads=1: the engine supplies the parallelism, one volume per worker core.
+    return nlmeans(volume, sigma, mask=mask, patch_radius=patch_radius,
+                   block_radius=block_radius, rician=rician, num_threads=1,
+                   method=method).astype(np.float32)
 
 
 def plan_denoise(state, ctx: RunContext) -> Plan:
@@ -253,14 +263,23 @@ def plan_denoise(state, ctx: RunContext) -> Plan:
 
 
 def fit_tensor_kernel(block, denoised, mask, gradients, params: NeuroParams):
+    fa, md = fit_block(nifti.read_block(denoised, block), mask[block], gradients,
+                       params.b0_threshold, params.fit_method, params.min_signal)
+    return block, fa, md
+
+
+def fit_block(data, mask, gradients, b0_threshold: float, fit_method: str,
+              min_signal: float) -> tuple[np.ndarray, np.ndarray]:
+    """FA and MD (float32) of a voxel block: dipy's TensorModel (the kernels and SciDB's
+    child)."""
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
 
     bvals, bvecs = gradients
-    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=params.b0_threshold)
-    model = TensorModel(gtab, fit_method=params.fit_method, min_signal=params.min_signal)
-    fit = model.fit(nifti.read_block(denoised, block), mask=mask[block])
-    return block, fit.fa.astype(np.float32), fit.md.astype(np.float32)
+    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=b0_threshold)
+    fit = TensorModel(gtab, fit_method=fit_method, min_signal=min_signal).fit(data,
+                                                                             mask=mask)
+    return fit.fa.astype(np.float32), fit.md.astype(np.float32)
 
 
 def voxel_blocks(shape, block, mask=None) -> list[tuple[slice, slice, slice]]:

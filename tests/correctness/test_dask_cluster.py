@@ -53,7 +53,8 @@ def test_pipeline_runs_through_dask_scheduler_option(dask_cluster):
 
     run_step_tests_on_tiny("--engine", "dask", "--dask-scheduler", dask_cluster)
     with distributed.Client(dask_cluster, timeout="30s") as client:
-        prefixes = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+        prefixes = client.run_on_scheduler(
+            lambda dask_scheduler: list(dask_scheduler.task_prefixes))
         assert len(client.scheduler_info()["workers"]) == 2
     assert {"denoise", "fit_tensor", "calibrate", "warp", "coadd", "detect"} <= set(prefixes), \
         prefixes

@@ -1,0 +1,153 @@
+"""A small client of SciDB's shim, the HTTP service SciDB's own Python and R clients
+speak (SciDB-Py cannot be imported beside NumPy 2, so this engine speaks it itself).
+
+The protocol, as shim 19.11 implements it (Paradigm4/shim src/shim.c, docs_gen/help.Rmd):
+- `/new_session[?user=&password=]` -> a session id (text). One session holds one upload
+  file and one saved output, each replaced by the next upload or saving query.
+- `POST /upload?id=` with the raw bytes as the body (Content-Length required) -> the
+  server-side path of the session's upload file, for `input(<schema>, 'path', ...)`.
+- `/execute_query?id=&query=[&save=FORMAT]` -> blocks until the query ends; the SciDB
+  query id (text). With `save`, the result goes to the session's output file.
+- `/read_bytes?id=&n=0` -> the whole saved output (binary formats).
+- `/cancel?id=` -> cancels the session's running query; `/release_session?id=` ends it.
+- Any other status than 200 is an error whose body is a short text: 406 carries SciDB's
+  own error text (the session survives), 404 a lost session, 502 a lost SciDB connection
+  and 500 a shim failure (both end the session), 503 no free session slot, 401 refused
+  credentials (or an HTTP digest challenge when shim's .htpasswd is set).
+Every reply is turned into a value or one `ShimError` line naming the server.
+"""
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from pipelines.errors import EngineUnavailable
+
+# what each status means, for the one-line error (shim 19.11's own words are the body)
+STATUS = {400: "bad request", 401: "authentication refused", 404: "session lost",
+          406: "query failed", 409: "no query to cancel", 410: "no output saved",
+          416: "output saved in another format", 500: "shim failed (session ended)",
+          502: "SciDB connection lost (session ended)", 503: "no free shim session"}
+SESSION_ENDED = (404, 500, 502)
+
+
+class ShimError(RuntimeError):
+    """A reply other than 200: `status`, and shim's (or SciDB's) text."""
+
+    def __init__(self, url: str, endpoint: str, status: int, text: str):
+        what = STATUS.get(status, "unexpected reply")
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        super().__init__(f"SciDB at {url}: {endpoint}: {what} (HTTP {status})"
+                         + (f": {first[:300]}" if first else ""))
+        self.status, self.text = status, text
+
+    @property
+    def session_ended(self) -> bool:
+        return self.status in SESSION_ENDED
+
+
+@dataclass
+class Shim:
+    """One shim session. `url`: http(s)://host:port of shim (8080 http, 8083 https by
+    default); `user`/`password`: SciDB's own credentials, if it asks; `http_user` /
+    `http_password`: shim's HTTP digest credentials, if its .htpasswd is set."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    http_user: str | None = None
+    http_password: str | None = None
+    timeout: float = 600.0
+    session: str | None = None
+
+    def __post_init__(self):
+        self.url = self.url.rstrip("/")
+        handlers = []
+        if self.http_user:
+            passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+            passwords.add_password(None, self.url, self.http_user, self.http_password or "")
+            handlers.append(urllib.request.HTTPDigestAuthHandler(passwords))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    # -- one request ------------------------------------------------------------------
+    def _call(self, endpoint: str, params: dict | None = None, body: bytes | None = None,
+              timeout: float | None = None) -> bytes:
+        query = urllib.parse.urlencode({k: v for k, v in (params or {}).items()
+                                        if v is not None})  # '+' -> %2B, as shim needs
+        request = urllib.request.Request(f"{self.url}/{endpoint}" + (f"?{query}" if query
+                                                                    else ""),
+                                         data=body, method="POST" if body is not None
+                                         else "GET")
+        try:
+            with self._opener.open(request, timeout=timeout or self.timeout) as reply:
+                return reply.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", "replace")
+            raise ShimError(self.url, endpoint, exc.code, text) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EngineUnavailable(f"SciDB at {self.url}: unreachable ({reason})") from None
+
+    # -- the protocol -----------------------------------------------------------------
+    def version(self) -> str:
+        return self._call("version", timeout=10).decode().strip()
+
+    def open(self) -> "Shim":
+        text = self._call("new_session", {"user": self.user, "password": self.password},
+                          timeout=30)
+        self.session = text.decode().strip()
+        if not self.session:
+            raise ShimError(self.url, "new_session", 200, "an empty session id")
+        return self
+
+    def _session(self) -> str:
+        if self.session is None:
+            raise RuntimeError("no shim session: call open() first")
+        return self.session
+
+    def execute(self, query: str, save: str | None = None) -> str:
+        """Run one AFL query (blocking); with `save`, its result is kept for `read_bytes`.
+        Returns SciDB's query id. A lost session is opened again once and the query
+        retried (SciDB ran nothing of it: shim answers 404 before it sends the query)."""
+        params = {"id": self._session(), "query": query, "save": save}
+        try:
+            return self._call("execute_query", params).decode().strip()
+        except ShimError as exc:
+            if exc.status != 404:
+                if exc.session_ended:
+                    self.session = None
+                raise
+        self.open()
+        return self._call("execute_query", {**params, "id": self.session}).decode().strip()
+
+    def upload(self, data: bytes) -> str:
+        """Send bytes to the session's upload file; returns its path on the server (the
+        next upload replaces it)."""
+        return self._call("upload", {"id": self._session()}, body=data).decode().strip()
+
+    def read_bytes(self) -> bytes:
+        return self._call("read_bytes", {"id": self._session(), "n": 0})
+
+    def cancel(self) -> None:
+        if self.session is not None:
+            try:
+                self._call("cancel", {"id": self.session}, timeout=30)
+            except ShimError as exc:
+                if exc.status != 409:  # nothing running: nothing to cancel
+                    raise
+
+    def close(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            try:
+                self._call("release_session", {"id": session}, timeout=30)
+            except (ShimError, EngineUnavailable):
+                pass  # a session the server already ended, or a server gone: nothing left
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()

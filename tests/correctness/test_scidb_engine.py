@@ -1,0 +1,200 @@
+"""The SciDB engine without a SciDB server (none can be installed here): the program its
+stream() runs, fed the messages SciDB sends, answers what the reference computes; the
+AFL it sends for each step is pinned by a reviewed snapshot; without --scidb-url it is
+skipped with the reason. (With a server, every other engine test runs on it unchanged.)"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from engines.scidb import afl, binary
+from engines.scidb.engine import SciDBEngine
+from engines.scidb.stream_child import encode_args
+from engines.tolerances import SAME_KERNELS
+from fixtures.datasets import load_dataset
+from fixtures.reference import reference_run
+from pipelines import neuro
+from pipelines.errors import EngineUnavailable
+from pipelines.steps import RunContext
+
+pytestmark = pytest.mark.correctness
+ROOT = Path(__file__).resolve().parents[2]
+SNAPSHOTS = ROOT / "tests" / "snapshots" / "scidb"
+
+
+@pytest.fixture(scope="module")
+def run():
+    return reference_run(load_dataset("phantom-tiny").inputs[0])
+
+
+def as_scidb_sends(cells: np.ndarray, float_columns) -> list[str]:
+    """Cells as SciDB's TSV writer prints them: integers, floats with max_digits10."""
+    lines = []
+    for row in cells:
+        lines.append("\t".join(f"{v:.9g}" if i in float_columns else str(int(v))
+                               for i, v in enumerate(row)))
+    return lines
+
+
+def exchange(step: str, args: dict, chunks: list[list[str]]) -> list[list[str]]:
+    """The stream child as SciDB runs it: a message per chunk, the end marker; one
+    answer each. Returns the answers' lines, split on tabs."""
+    message = "".join(f"{len(c)}\n" + "".join(line + "\n" for line in c) for c in chunks)
+    proc = subprocess.run([sys.executable, "-u", "-m", "engines.scidb.stream_child", step,
+                           encode_args(args)], input=message + "0\n", cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.splitlines()
+    answers, at = [], 0
+    while at < len(out):
+        count = int(out[at])
+        answers.append([line.split("\t") for line in out[at + 1:at + 1 + count]])
+        at += 1 + count
+    assert len(answers) == len(chunks) + 1 and answers[-1] == []  # one per message
+    return [line for answer in answers for line in answer]
+
+
+def volume_cells(volume: np.ndarray, k: int | None = None) -> np.ndarray:
+    xyz = np.indices(volume.shape).reshape(3, -1).T
+    values = volume.reshape(-1)[:, None]
+    if k is None:
+        return np.hstack([xyz, values])
+    return np.hstack([np.full((len(xyz), 1), k), xyz, values])
+
+
+def params_of(run):
+    import dataclasses
+
+    return dataclasses.asdict(neuro.NeuroParams())
+
+
+def test_child_brain_mask_is_the_reference(run):
+    mean_b0 = run.state["mean_b0"]
+    lines = exchange("brain_mask", {"shape": list(mean_b0.shape), "params": params_of(run)},
+                     [as_scidb_sends(volume_cells(mean_b0), {3})])
+    mask = np.zeros(mean_b0.shape, dtype=bool)
+    xyz = np.array(lines, dtype=np.int64)
+    mask[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
+    assert np.array_equal(mask, run.state["mask"])
+
+
+def test_child_noise_sigma_and_denoise_are_the_reference(run):
+    dwi = run.source.dwi
+    shape = run.state["mask"].shape
+    volumes = [0, 5]  # a b0 and a diffusion-weighted volume, each its own chunk
+    data = {k: neuro.nifti.read_volume(dwi, k) for k in volumes}
+    lines = exchange("noise_sigma", {"shape": list(shape), "params": params_of(run)},
+                     [as_scidb_sends(volume_cells(data[k], k), {4}) for k in volumes])
+    got = {int(k): float(s) for k, s in lines}
+    for k in volumes:
+        assert got[k] == pytest.approx(run.state["sigma"][k], rel=1e-12)
+    mask = run.state["mask"].astype(np.float32)
+    chunks = [as_scidb_sends(np.hstack([volume_cells(data[k], k),
+                                        mask.reshape(-1, 1)]), {4}) for k in volumes]
+    lines = exchange("denoise", {"shape": list(shape), "params": params_of(run),
+                                 "sigma": [float(s) for s in run.state["sigma"]]}, chunks)
+    cells = np.array(lines, dtype=np.float64)
+    want = np.asarray(nib.load(run.state["denoised"]).dataobj)
+    bound = SAME_KERNELS["denoised"]
+    for k in volumes:
+        mine = cells[cells[:, 0] == k]
+        got = np.zeros(shape, dtype=np.float32)
+        xyz = mine[:, 1:4].astype(np.int64)
+        got[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = mine[:, 4]
+        diff = np.abs(got - want[..., k])
+        assert (diff <= bound.bound(np.abs(want[..., k]),
+                                    np.abs(want[..., k]).max())).all(), bound.why
+
+
+def test_child_fit_tensor_is_the_reference(run):
+    denoised = np.asarray(nib.load(run.state["denoised"]).dataobj)
+    mask = run.state["mask"]
+    block = (slice(8, 16), slice(8, 16), slice(8, 16))
+    cells = []
+    for k in range(denoised.shape[3]):
+        part = volume_cells(denoised[block + (k,)], k)
+        part[:, 1:4] += 8  # the block's own coordinates
+        cells.append(np.hstack([part, mask[block].reshape(-1, 1)]))
+    lines = exchange("fit_tensor", {"params": params_of(run),
+                                    "bvals": np.asarray(run.state["bvals"]).tolist(),
+                                    "bvecs": np.asarray(run.state["bvecs"]).tolist()},
+                     [as_scidb_sends(np.vstack(cells), {4})])
+    got = np.array(lines, dtype=np.float64)
+    xyz = got[:, :3].astype(np.int64)
+    for column, name in ((3, "fa"), (4, "md")):
+        want = run.state[name][xyz[:, 0], xyz[:, 1], xyz[:, 2]]
+        bound = SAME_KERNELS[name]
+        assert (np.abs(got[:, column] - want) <= bound.bound(
+            np.abs(want), np.abs(run.state[name]).max())).all(), name
+    assert len(got) == 8 ** 3 and run.state["mask"][block].any()
+
+
+# -- what the engine sends: snapshots ---------------------------------------------------
+
+class RecordingShim:
+    """Records what the engine sends and answers as shim does, with no data: the
+    queries themselves are what is pinned (no result is claimed)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def execute(self, query, save=None):
+        self.sent.append(query + (f"  -- save {save}" if save else ""))
+        return "1"
+
+    def upload(self, data):
+        self.sent.append(f"-- upload {len(data)} bytes")
+        return "/tmp/shim_input_buf_0"
+
+    def read_bytes(self):
+        return b""
+
+
+def sent_for(step_name, run, tmp_path) -> list[str]:
+    engine = SciDBEngine(url="http://scidb.example:8080", python="/usr/bin/python3",
+                         suite="/srv/image-analytics-bench")
+    engine.shim, engine.token = RecordingShim(), "snap"
+    step = neuro.STEP_BY_NAME[step_name]
+    state = run.state_before(step_name)
+    ctx = RunContext(tmp_path, neuro.NeuroParams(), neuro.NeuroPartitioning())
+    try:
+        engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
+    except Exception:  # noqa: BLE001  no data came back: the queries are what is pinned
+        pass
+    # the stream command's arguments are data (sigma, gradients): shown by their size
+    return [line.split(" engines.scidb.stream_child ")[0] + " engines.scidb.stream_child "
+            + line.split(" engines.scidb.stream_child ")[1].split(" ")[0] + " <args>"
+            + "'" + line.split("'")[-1] if " engines.scidb.stream_child " in line else line
+            for line in engine.shim.sent]
+
+
+@pytest.mark.parametrize("step", [s.name for s in neuro.STEPS])
+def test_compiled_afl_is_the_reviewed_snapshot(step, run, tmp_path):
+    """IAB_UPDATE_SNAPSHOTS=1 rewrites them; a change is then reviewed in the diff."""
+    got = "\n".join(sent_for(step, run, tmp_path)) + "\n"
+    path = SNAPSHOTS / f"{step}.afl"
+    if os.environ.get("IAB_UPDATE_SNAPSHOTS"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(got)
+    assert path.exists(), f"no snapshot {path}: IAB_UPDATE_SNAPSHOTS=1 makes it"
+    assert got == path.read_text()
+
+
+def test_afl_literals_and_schemas():
+    assert afl.quote("it's a \\ path") == "'it\\'s a \\\\ path'"
+    assert afl.dims("xy", (10, 20), (10, 5)) == "[x=0:9:0:10; y=0:19:0:5]"
+    series = afl.Series("d", (2, 3, 4), 5)
+    assert series.schema == "<v:float not null>[vol=0:4:0:1; x=0:1:0:2; y=0:2:0:3; z=0:3:0:4]"
+    fmt = binary.Format.parse(afl.fetch_volume("a", "v")[1])
+    assert fmt.dtype.itemsize == 3 * 8 + 9
+
+
+def test_without_a_server_the_engine_says_how_to_give_one():
+    with pytest.raises(EngineUnavailable, match=r"no SciDB server given: --scidb-url "):
+        SciDBEngine().start()
+    assert SciDBEngine.capability("mean_b0") == "native"
+    assert SciDBEngine.capability("detect").startswith("not implemented: not compiled for")
