@@ -49,12 +49,14 @@ class Series:
     shape: tuple[int, int, int]
     volumes: int
     chunk: tuple[int, int, int] | None = None  # voxel block per chunk (default: a volume)
+    volumes_per_chunk: int = 1
 
     @property
     def schema(self) -> str:
         block = self.chunk or self.shape
         return "<v:float not null>" + dims(("vol", "x", "y", "z"),
-                                           (self.volumes, *self.shape), (1, *block))
+                                           (self.volumes, *self.shape),
+                                           (self.volumes_per_chunk, *block))
 
 
 def create(array) -> str:
@@ -122,12 +124,17 @@ def with_mask(series: Series, mask: Volume) -> str:
 
 def rechunk(series: Series, block, target: str) -> str:
     """A series rechunked into voxel blocks of every volume (the fit's unit)."""
-    s = Series(target, series.shape, series.volumes)
-    schema = "<v:float not null>" + dims(("vol", "x", "y", "z"),
-                                         (s.volumes, *s.shape), (s.volumes, *block))
-    return f"store(repart({series.name}, {schema}), {target})"
+    blocks = Series(target, series.shape, series.volumes, tuple(block), series.volumes)
+    return f"store(repart({series.name}, {blocks.schema}), {target})"
 
 
-def answers(target: str) -> tuple[str, str]:
-    """(query, binary save format) reading a stream's answers."""
-    return f"project({target}, response)", "(string null)"
+def answer_positions(target: str) -> tuple[str, str]:
+    """(query, binary save format) listing a stream's answers: (instance, chunk) each
+    (stream's TSV output is <response:string>[instance_id; chunk_no])."""
+    return (f"project(apply({target}, ii, instance_id, ci, chunk_no), ii, ci)",
+            "(int64, int64)")
+
+
+def answer(target: str, instance: int, chunk: int) -> str:
+    """One answer of a stream (read one at a time: a volume's cells each)."""
+    return f"project(between({target}, {instance}, {chunk}, {instance}, {chunk}), response)"

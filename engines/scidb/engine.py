@@ -24,7 +24,7 @@ from pipelines.errors import EngineUnavailable
 
 from ..base import Engine, native
 from . import afl, binary
-from .shim import Shim
+from .shim import Shim, ShimError
 from .stream_child import encode_args
 
 SUITE = Path(__file__).resolve().parents[2]
@@ -56,15 +56,33 @@ class SciDBEngine(Engine):
         self.shim = Shim(self.url, os.environ.get("SCIDB_USER"),
                          os.environ.get("SCIDB_PASSWORD"), os.environ.get("SHIM_USER"),
                          os.environ.get("SHIM_PASSWORD")).open()
-        operators = self._strings("project(list('operators'), name)")
-        if "stream" not in operators:
+        try:
+            self._check_server()
+        except BaseException:
             self.close()
+            raise
+        return self
+
+    def _check_server(self) -> None:
+        """What the steps need, asked before any data moves: the stream plugin, and the
+        suite's child running under --scidb-python in --scidb-suite on the server."""
+        if "stream" not in self._strings("project(list('operators'), name)"):
             raise EngineUnavailable(f"SciDB at {self.url} has no stream() operator (the "
                                     f"Paradigm4 stream plugin runs the suite's kernels)")
         self.shim.execute("aggregate(list('instances'), count(*))", save="(uint64)")
         counted = binary.decode(self.shim.read_bytes(), binary.Format.parse("(uint64)"))
         self.workers = int(counted["a0"][0])  # SciDB's instances run the stream children
-        return self
+        try:
+            answer = self._stream("build(<x:int64 not null>[i=0:0:0:1], i)", "probe", {})
+        except ShimError as exc:
+            raise EngineUnavailable(
+                f"SciDB at {self.url}: stream() cannot run the suite's child with "
+                f"--scidb-python {self.python} in --scidb-suite {self.suite} (both are "
+                f"paths on the server; Python >= 3.11 with the suite's packages): "
+                f"{(exc.text.strip().splitlines() or [str(exc)])[0][:300]}") from None
+        if not answer or answer[0][0] != "ok":
+            raise EngineUnavailable(f"SciDB at {self.url}: the suite's child answered "
+                                    f"{answer[:1]!r}, not 'ok'")
 
     def close(self) -> None:
         if self.shim is None:
@@ -72,7 +90,10 @@ class SciDBEngine(Engine):
         for name in reversed(self.arrays):
             try:
                 self.shim.execute(afl.remove(name))
-            except Exception:  # noqa: BLE001  a lost server keeps its arrays: nothing to do
+            except ShimError as exc:
+                if exc.session_ended:
+                    break  # the server or the session is gone: it keeps the rest
+            except EngineUnavailable:
                 break
         self.arrays.clear()
         self.loaded.clear()
@@ -87,6 +108,8 @@ class SciDBEngine(Engine):
 
     # -- helpers ------------------------------------------------------------------------
     def _array(self, what: str) -> str:
+        """A name for an array this session makes (removed on close; removing one that
+        a failed query never made is refused by SciDB, and skipped)."""
         name = f"iab_{self.token}_{what}_{len(self.arrays)}"
         self.arrays.append(name)
         return name
@@ -106,7 +129,8 @@ class SciDBEngine(Engine):
 
     def _upload(self, array, data: np.ndarray, volume: int | None = None) -> None:
         path = self.shim.upload(np.ascontiguousarray(data, dtype="<f4").tobytes())
-        self.shim.execute(afl.load_volume(array, path, volume))
+        # not retried in a new session: that one would not hold the upload
+        self.shim.execute(afl.load_volume(array, path, volume), retry=False)
 
     def _series(self, path: str, shape, volumes: int) -> afl.Series:
         """A 4-D NIfTI in SciDB (one upload and insert per volume), once per file."""
@@ -129,13 +153,21 @@ class SciDBEngine(Engine):
 
     def _stream(self, source: str, step: str, args: dict) -> list[list[str]]:
         """The stream child's answers (lines of tab-separated fields) for `source`."""
+        return [line for answer in self._answers(source, step, args) for line in answer]
+
+    def _answers(self, source: str, step: str, args: dict):
+        """The stream child's answers for `source`, one at a time (an answer is a chunk's:
+        a volume's denoised cells; all of them at once would not fit the client)."""
         command = (f"cd {shlex.quote(self.suite)} && {shlex.quote(self.python)} -u -m "
                    f"engines.scidb.stream_child {step} {encode_args(args)}")
         target = self._array(step)
         self.shim.execute(afl.stream(source, command, target))
-        query, _ = afl.answers(target)
-        return [line.split("\t") for answer in self._strings(query)
-                for line in answer.splitlines() if line]
+        query, fmt = afl.answer_positions(target)
+        self.shim.execute(query, save=fmt)
+        where = binary.decode(self.shim.read_bytes(), binary.Format.parse(fmt, "ic"))
+        for instance, chunk in zip(where["i"], where["c"]):
+            for text in self._strings(afl.answer(target, int(instance), int(chunk))):
+                yield [line.split("\t") for line in text.splitlines() if line]
 
     @staticmethod
     def _params(ctx) -> dict:
@@ -177,17 +209,27 @@ class SciDBEngine(Engine):
     def denoise(self, step, state, ctx, plan):
         dwi = self._series(state["dwi"], state["shape"], state["n_volumes"])
         mask = self._mask(state["mask"])
-        lines = self._stream(afl.with_mask(dwi, mask), "denoise",
-                             {"shape": list(state["shape"]), "params": self._params(ctx),
-                              "sigma": [float(s) for s in state["sigma"]]})
+        answers = self._answers(afl.with_mask(dwi, mask), "denoise",
+                                {"shape": list(state["shape"]), "params": self._params(ctx),
+                                 "sigma": [float(s) for s in state["sigma"]]})
         out = plan.partitions[0][1]  # the plan made the output file
-        cells = np.array(lines, dtype=np.float64)
-        for k in range(state["n_volumes"]):
-            mine = cells[cells[:, 0] == k]
-            volume = np.zeros(state["shape"], dtype=np.float32)
-            xyz = mine[:, 1:4].astype(np.int64)
-            volume[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = mine[:, 4]
-            nifti.write_volume(out, k, volume)
+        written = set()
+        for answer in answers:  # a chunk's answer: one volume's cells
+            if not answer:
+                continue
+            cells = np.array(answer, dtype=np.float64)
+            for k in np.unique(cells[:, 0]).astype(np.int64):
+                mine = cells[cells[:, 0] == k]
+                volume = np.zeros(state["shape"], dtype=np.float32)
+                xyz = mine[:, 1:4].astype(np.int64)
+                volume[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = mine[:, 4]
+                nifti.write_volume(out, int(k), volume)
+                written.add(int(k))
+            self._report(step.name, len(written), state["n_volumes"])
+        missing = sorted(set(range(state["n_volumes"])) - written)
+        if missing:
+            raise EngineUnavailable(f"SciDB at {self.url}: denoise returned no volume "
+                                    f"{missing[0]} ({len(missing)} missing)")
         return plan.combine([])
 
     @native("fit_tensor")
@@ -196,7 +238,8 @@ class SciDBEngine(Engine):
         block = tuple(ctx.partitioning.block)
         blocks = self._array("blocks")
         self.shim.execute(afl.rechunk(denoised, block, blocks))
-        rechunked = afl.Series(blocks, denoised.shape, denoised.volumes, block)
+        rechunked = afl.Series(blocks, denoised.shape, denoised.volumes, block,
+                               volumes_per_chunk=denoised.volumes)
         mask = self._mask(state["mask"], chunk=block)
         lines = self._stream(afl.with_mask(rechunked, mask), "fit_tensor",
                              {"params": self._params(ctx),

@@ -59,7 +59,7 @@ class Shim:
     password: str | None = None
     http_user: str | None = None
     http_password: str | None = None
-    timeout: float = 600.0
+    timeout: float = 60.0  # every call but a query, which blocks as long as it runs
     session: str | None = None
 
     def __post_init__(self):
@@ -73,7 +73,9 @@ class Shim:
 
     # -- one request ------------------------------------------------------------------
     def _call(self, endpoint: str, params: dict | None = None, body: bytes | None = None,
-              timeout: float | None = None) -> bytes:
+              timeout: float | None = -1.0) -> bytes:
+        """One request; `timeout` in seconds, None for none, -1 for the client's."""
+        timeout = self.timeout if timeout == -1.0 else timeout
         query = urllib.parse.urlencode({k: v for k, v in (params or {}).items()
                                         if v is not None})  # '+' -> %2B, as shim needs
         request = urllib.request.Request(f"{self.url}/{endpoint}" + (f"?{query}" if query
@@ -81,7 +83,7 @@ class Shim:
                                          data=body, method="POST" if body is not None
                                          else "GET")
         try:
-            with self._opener.open(request, timeout=timeout or self.timeout) as reply:
+            with self._opener.open(request, timeout=timeout) as reply:
                 return reply.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode("utf-8", "replace")
@@ -107,20 +109,30 @@ class Shim:
             raise RuntimeError("no shim session: call open() first")
         return self.session
 
-    def execute(self, query: str, save: str | None = None) -> str:
-        """Run one AFL query (blocking); with `save`, its result is kept for `read_bytes`.
-        Returns SciDB's query id. A lost session is opened again once and the query
-        retried (SciDB ran nothing of it: shim answers 404 before it sends the query)."""
+    def execute(self, query: str, save: str | None = None, retry: bool = True) -> str:
+        """Run one AFL query; with `save`, its result is kept for `read_bytes`. It blocks
+        as long as the query runs (shim answers when it ends: no timeout), and a Ctrl-C
+        cancels it on the server. Returns SciDB's query id. A lost session (404: shim
+        reaped it; SciDB ran nothing of the query) is opened again once and the query
+        retried, unless `retry` is False (a query that reads the session's upload)."""
         params = {"id": self._session(), "query": query, "save": save}
-        try:
-            return self._call("execute_query", params).decode().strip()
-        except ShimError as exc:
-            if exc.status != 404:
+        for attempt in (1, 2):
+            try:
+                return self._call("execute_query", params, timeout=None).decode().strip()
+            except KeyboardInterrupt:
+                try:
+                    self.cancel()  # the query would run on in the server otherwise
+                except (ShimError, EngineUnavailable):
+                    pass
+                raise
+            except ShimError as exc:
                 if exc.session_ended:
                     self.session = None
-                raise
-        self.open()
-        return self._call("execute_query", {**params, "id": self.session}).decode().strip()
+                if exc.status != 404 or not retry or attempt == 2:
+                    raise
+            self.open()
+            params["id"] = self.session
+        raise AssertionError("unreachable")
 
     def upload(self, data: bytes) -> str:
         """Send bytes to the session's upload file; returns its path on the server (the

@@ -119,16 +119,23 @@ def _volume(cells, shape) -> np.ndarray:
     return volume
 
 
+def probe(lines, args):
+    """The engine's start-up check: this Python and the suite import on the server."""
+    import platform
+
+    import pipelines.neuro  # noqa: F401  the kernels' module, and what it needs
+
+    return [f"ok\t{platform.python_version()}"]
+
+
 STEPS = {"brain_mask": brain_mask, "noise_sigma": noise_sigma, "denoise": denoise,
-         "fit_tensor": fit_tensor}
+         "fit_tensor": fit_tensor, "probe": probe}
 
 
 def serve(step, args, stdin, stdout) -> None:
     """The exchange: one answer per message, one final (empty) answer to the end."""
     def answer(lines):
-        stdout.write(f"{len(lines)}\n")
-        for line in lines:
-            stdout.write(line + "\n")
+        stdout.write(f"{len(lines)}\n" + "".join(line + "\n" for line in lines))  # one write
         stdout.flush()
 
     while True:

@@ -18,7 +18,7 @@ from engines.tolerances import SAME_KERNELS
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
 from pipelines import neuro
-from pipelines.errors import EngineUnavailable
+from pipelines.errors import EngineUnavailable, InputError
 from pipelines.steps import RunContext
 
 pytestmark = pytest.mark.correctness
@@ -133,6 +133,12 @@ def test_child_fit_tensor_is_the_reference(run):
     assert len(got) == 8 ** 3 and run.state["mask"][block].any()
 
 
+def test_child_probe_says_ok_and_its_python():
+    import platform
+
+    assert exchange("probe", {}, [["0"]]) == [["ok", platform.python_version()]]
+
+
 # -- what the engine sends: snapshots ---------------------------------------------------
 
 class RecordingShim:
@@ -142,7 +148,7 @@ class RecordingShim:
     def __init__(self):
         self.sent = []
 
-    def execute(self, query, save=None):
+    def execute(self, query, save=None, retry=True):
         self.sent.append(query + (f"  -- save {save}" if save else ""))
         return "1"
 
@@ -163,8 +169,8 @@ def sent_for(step_name, run, tmp_path) -> list[str]:
     ctx = RunContext(tmp_path, neuro.NeuroParams(), neuro.NeuroPartitioning())
     try:
         engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
-    except Exception:  # noqa: BLE001  no data came back: the queries are what is pinned
-        pass
+    except (InputError, KeyError, EngineUnavailable):  # no data came back: an empty
+        pass  # mask, no sigma, no denoised volume; the queries are what is pinned
     # the stream command's arguments are data (sigma, gradients): shown by their size
     return [line.split(" engines.scidb.stream_child ")[0] + " engines.scidb.stream_child "
             + line.split(" engines.scidb.stream_child ")[1].split(" ")[0] + " <args>"
@@ -182,6 +188,30 @@ def test_compiled_afl_is_the_reviewed_snapshot(step, run, tmp_path):
         path.write_text(got)
     assert path.exists(), f"no snapshot {path}: IAB_UPDATE_SNAPSHOTS=1 makes it"
     assert got == path.read_text()
+
+
+def test_close_removes_every_array_it_can():
+    """An array a failed query never made is refused by SciDB (406): the others are
+    still removed; a lost server stops the cleanup at once."""
+    from engines.scidb.shim import ShimError
+
+    class Refusing(RecordingShim):
+        def execute(self, query, save=None, retry=True):
+            super().execute(query, save)
+            if "never_made" in query:
+                raise ShimError("http://scidb.example:8080", "execute_query", 406,
+                                "Array 'never_made' does not exist.")
+            return "1"
+
+        def close(self):
+            self.sent.append("-- release")
+
+    engine = SciDBEngine(url="http://scidb.example:8080")
+    engine.shim = shim = Refusing()
+    engine.arrays = ["a", "never_made", "b"]
+    engine.close()
+    assert shim.sent == ["remove(b)", "remove(never_made)", "remove(a)", "-- release"]
+    assert engine.shim is None and engine.arrays == []
 
 
 def test_afl_literals_and_schemas():
