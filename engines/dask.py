@@ -81,8 +81,10 @@ class DaskEngine(Engine):
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                             processes=True, host="127.0.0.1",
                                             dashboard_address=None,  # no dashboard
-                                            # its small HTTP server: any free port
-                                            scheduler_kwargs={"dashboard_address": ":0"},
+                                            # its small HTTP server (health, info pages):
+                                            # loopback only, any free port
+                                            scheduler_kwargs={
+                                                "dashboard_address": "127.0.0.1:0"},
                                             silence_logs=logging.ERROR)
             self.client = Client(self.cluster)
             self.threads = self.workers

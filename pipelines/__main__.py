@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                             help="workers of a local engine cluster (default: one per core)")
         for option in engine_options():  # each engine's own (engines/__init__.py)
             option.add_to(parser.add_argument)
-        parser.add_argument("--out", type=Path, required=True, help="output directory")
+        parser.add_argument("--out", type=Path, required=True,
+                            help="output directory: made when the run has succeeded (the "
+                                 "run writes beside it, then moves it into place)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an earlier run's --out folder whole")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -109,11 +114,12 @@ def load_astro(args, params):
     if not args.ccds:
         raise InputError("give --ccds FILES or DIRECTORIES, or --dataset")
     # a run's own products (an --out inside an input folder) are never its input
-    out = args.out.resolve()
+    outs = {args.out.resolve(), Path(getattr(args, "final_out", args.out)).resolve()}
     files = [f for source in args.ccds for f in astro.ccd_files(source)
-             if out not in f.resolve().parents]
+             if not outs & set(f.resolve().parents)]
     if not files:
-        raise InputError(f"{args.ccds[0]}: no FITS files outside the output folder {out}")
+        raise InputError(f"{args.ccds[0]}: no FITS files outside the output folder "
+                         f"{getattr(args, 'final_out', args.out)}")
     state = astro.load_survey(files, ingest_dir=args.out / "ccds",
                               pixel_scale_arcsec=args.pixel_scale, patch_inner=args.patch_inner,
                               patch_border=args.patch_border)
@@ -150,7 +156,51 @@ def write_astro(final, out: Path) -> list[str]:
 PIPELINE_IO = {"neuro": (load_neuro, write_neuro), "astro": (load_astro, write_astro)}
 
 
+def staged(args):
+    """The folder the run writes into, beside --out; it becomes --out only when the run
+    has succeeded (`put_in_place`), so a failed or interrupted run leaves nothing that
+    looks finished. An --out that holds files is refused unless --overwrite, and then
+    only if it is an earlier run's (its run.json): another folder is never replaced."""
+    from pipelines.errors import InputError
+
+    out = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.overwrite:
+            raise InputError(f"{out}: holds an earlier run's files; --overwrite replaces "
+                             f"it whole, or choose another folder")
+        if not (out / "run.json").is_file():
+            raise InputError(f"{out}: not an earlier run's folder (no run.json), so "
+                             f"--overwrite does not replace it")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def put_in_place(staging: Path, out: Path) -> None:
+    """The finished run's folder as --out; an earlier run's folder there goes."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def execute(args) -> dict:
+    """The run, written into a staging folder that becomes --out when it succeeded."""
+    final_out = args.out
+    args.out = staged(args)
+    args.final_out = final_out
+    try:
+        run = execute_in(args)
+        put_in_place(args.out, final_out)
+        return run
+    finally:
+        shutil.rmtree(args.out, ignore_errors=True)  # what a failed run left: nothing
+        args.out = final_out
+
+
+def execute_in(args) -> dict:
     from engines import create_engine, engine_options
     from engines.base import print_progress
     from pipelines import PIPELINES
@@ -203,7 +253,7 @@ def execute(args) -> dict:
            # plain images made into CCD files (OUT/ccds/), and what was assumed for each
            "ingested": [i.as_json() for i in state.get("ingested", ())],
            "logs": sorted(p.name for p in args.out.glob("*.log"))}  # engines' own output
-    (args.out / "run.json").write_text(json.dumps(run, indent=1))
+    (args.out / "run.json").write_text(json.dumps(run, indent=1))  # last: the run is whole
     return run
 
 

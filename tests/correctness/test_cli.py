@@ -288,3 +288,53 @@ def test_step_params_name_what_the_kernels_read():
         for step in pipeline.STEPS:
             read = set(re.findall(r"params\.(\w+)", inspect.getsource(step.kernel)))
             assert read == set(step.params), (step.name, read)
+
+
+def test_an_earlier_runs_folder_is_refused_or_replaced_whole(tmp_path):
+    """A second run into an earlier run's --out: refused in one line; with --overwrite
+    the folder is replaced whole (nothing of the earlier run stays beside the new one);
+    a folder that is not a run's is never replaced."""
+    out = tmp_path / "out"
+    run = ["neuro", "--dataset", "phantom-tiny", "--quiet", "--out", str(out)]
+    first = subprocess.run([sys.executable, "-m", "pipelines", *run], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (out / "stale.txt").write_text("from an earlier run")
+    again = subprocess.run([sys.executable, "-m", "pipelines", *run], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr == (
+        f"error: {out}: holds an earlier run's files; --overwrite replaces it whole, or "
+        f"choose another folder\n")
+    replaced = subprocess.run([sys.executable, "-m", "pipelines", *run, "--overwrite"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (out / "stale.txt").exists() and (out / "run.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own folder")
+    refused = subprocess.run([sys.executable, "-m", "pipelines", "neuro", "--dataset",
+                              "phantom-tiny", "--out", str(mine), "--overwrite"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "not an earlier run's folder" in refused.stderr
+    assert (mine / "notes.txt").is_file()
+
+
+def test_a_failed_run_leaves_nothing_that_looks_finished(tmp_path):
+    """The run writes beside --out and moves into place only when it succeeded: a run
+    that fails (here: its only image has no usable pixel) leaves neither --out nor its
+    staging folder."""
+    from astropy.io import fits as pyfits
+
+    from fixtures.datasets import m13_path
+
+    with pyfits.open(m13_path()) as hdul:
+        header = hdul[0].header.copy()
+    pyfits.PrimaryHDU(np.full((300, 300), np.nan, dtype=np.float32), header).writeto(
+        tmp_path / "blank.fits")
+    out = tmp_path / "results" / "out"
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "astro", "--images",
+                           str(tmp_path / "blank.fits"), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert not out.exists() and list((tmp_path / "results").iterdir()) == []
