@@ -16,11 +16,13 @@ suite's own kernels keep `engines.tolerances.SAME_KERNELS`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import os
 import platform
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -80,6 +82,23 @@ def native(*steps: str, compiled: bool = False, follows: tuple[str, ...] | None 
 def _pinned(params_type):
     """A pipeline's pinned parameters (its Params with every default)."""
     return params_type()
+
+
+@contextlib.contextmanager
+def children_ignore_ctrl_c():
+    """Processes started inside ignore SIGINT (Python keeps an inherited SIG_IGN, and so
+    does the JVM): a Ctrl-C at the terminal reaches the whole process group, and only the
+    driver should act on it (it closes the engine, which ends its processes) rather than
+    every worker printing its own traceback. Off the main thread: nothing to change."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def usable_cores() -> int:

@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from pipelines.errors import EngineUnavailable
 
-from .base import RECORDED_PACKAGES, Engine, package_versions
+from .base import RECORDED_PACKAGES, Engine, children_ignore_ctrl_c, package_versions
 
 SUITE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ class DaskEngine(Engine):
             self.workers = len(found)
             self.threads = sum(w.get("nthreads", 1) for w in found)
         else:
-            with dask.config.set(LOCAL_CLUSTER_CONFIG):
+            with dask.config.set(LOCAL_CLUSTER_CONFIG), children_ignore_ctrl_c():
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                             processes=True, host="127.0.0.1",
                                             dashboard_address=None,  # no dashboard

@@ -19,15 +19,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one BLAS thread per process; engines parallelise
+
+
+# Exit statuses (README: When things go wrong)
+EXIT_ERROR = 2  # the input, a parameter or the engine: one line on stderr says which
+EXIT_DISK_FULL = 4  # the outputs do not fit: the path and the bytes
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,6 +213,7 @@ def execute_in(args) -> dict:
     from engines import create_engine, engine_options
     from engines.base import print_progress
     from pipelines import PIPELINES
+    from pipelines.errors import check_room
     from pipelines.steps import RunContext, override
 
     pipeline = PIPELINES[args.pipeline]
@@ -224,6 +234,7 @@ def execute_in(args) -> dict:
     skipped = state.get("skipped", ())
     partitioning = pipeline.Partitioning()
     args.out.mkdir(parents=True, exist_ok=True)
+    check_room(args.out, pipeline.planned_output_bytes(state), "this run's output")
 
     def on_step(name, s):
         seconds[name] = round(s, 3)
@@ -232,6 +243,7 @@ def execute_in(args) -> dict:
 
     engine.log_dir = args.out  # stderr is this command's progress and errors only
     with engine:
+        quiet_after_ctrl_c()  # after the engine's start: Spark installs its own handler
         if not args.quiet:
             engine.progress = print_progress
             print(f"{engine.name} with {engine.workers} worker(s) on {inputs[0]}",
@@ -257,20 +269,60 @@ def execute_in(args) -> dict:
     return run
 
 
+INTERRUPTED = threading.Event()  # a Ctrl-C came: whatever error follows is its doing
+
+
+def quiet_after_ctrl_c() -> None:
+    """From a Ctrl-C on, this process's stderr goes nowhere until `main` says
+    "interrupted": what an engine's threads print while it is torn down (Dask's
+    cancelled tasks, Spark's cancelled jobs) is not the user's to read. The handler that
+    was there (Spark's cancels its jobs) still runs."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def silenced(signum, frame):
+        INTERRUPTED.set()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, silenced)
+    except ValueError:  # not the main thread (a test calling execute): nothing to do
+        pass
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the suite's root
     from engines.base import StepNotImplemented
-    from pipelines.errors import EngineUnavailable, InputError
+    from pipelines.errors import DiskFull, EngineUnavailable, InputError
 
     args = _parser().parse_args(argv)
+    stderr = os.dup(2)  # restored after a Ctrl-C silenced it
     try:
         run = execute(args)
-    except (InputError, EngineUnavailable, StepNotImplemented) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        if INTERRUPTED.is_set() or isinstance(exc, KeyboardInterrupt):
+            # an engine torn down by a Ctrl-C may raise its own error instead (a
+            # cancelled future, a cancelled job): the interrupt is what happened
+            sys.stderr.flush()
+            os.dup2(stderr, 2)
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, (InputError, EngineUnavailable, StepNotImplemented)):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(exc, DiskFull):
+            print(f"error: disk full: {exc}", file=sys.stderr)
+            return EXIT_DISK_FULL
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG,
+                                                      errno.EDQUOT):
+            print(f"error: disk full: {exc.filename or args.out}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_DISK_FULL
+        raise
     print(f"wrote {', '.join(run['outputs'])} to {args.out} in {run['total_seconds']} s")
     return 0
 

@@ -386,6 +386,16 @@ def load_survey(source, skymap: SkyMap | None = None, *, ingest_dir=None,
             "ingested": tuple(ingested)}
 
 
+def planned_output_bytes(state) -> int:
+    """What a run writes: calexps (float32 image and variance, int32 mask per pixel),
+    a warp per (visit, patch) and a coadd per patch (image, variance, count)."""
+    pixels = state["skymap"].patch_shape[0] * state["skymap"].patch_shape[1]
+    calexps = sum(c.shape[0] * c.shape[1] * 12 for c in state["ccds"])
+    warps = len({(c.visit, p) for c in state["ccds"] for p in c.patches}) * pixels * 8
+    coadds = len({p for c in state["ccds"] for p in c.patches}) * pixels * 10
+    return calexps + warps + coadds
+
+
 def _file_bytes(paths) -> int:
     return sum(Path(p).stat().st_size for p in paths)
 

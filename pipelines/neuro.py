@@ -138,6 +138,11 @@ def _chunks(items: list, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+def planned_output_bytes(state) -> int:
+    """What a run writes: the denoised series (float32), and three maps beside it."""
+    return (state["n_volumes"] + 3) * int(np.prod(state["shape"])) * 4
+
+
 def _volume_bytes(state) -> int:
     return int(np.prod(state["shape"])) * state["bytes_per_voxel"]
 

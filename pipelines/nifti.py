@@ -3,6 +3,7 @@ the file by path, and writes of one volume into a shared output file. Every read
 can fail because of the file turns into one `InputError` line."""
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import os
@@ -13,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from .errors import InputError
+from .errors import DiskFull, InputError, size_text
 
 NIFTI1_DATA_OFFSET = 352  # 348-byte header + 4-byte empty extension flag
 
@@ -92,10 +93,22 @@ def create(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray,
     header.set_sform(affine, code=1)
     header.set_slope_inter(1.0, 0.0)
     header["vox_offset"] = NIFTI1_DATA_OFFSET
+    size = NIFTI1_DATA_OFFSET + int(np.prod(shape)) * np.dtype(dtype).itemsize
     with open(path, "wb") as fh:
         header.write_to(fh)
         fh.write(b"\0" * (NIFTI1_DATA_OFFSET - fh.tell()))
-        fh.truncate(NIFTI1_DATA_OFFSET + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        fh.flush()
+        # Allocated for real, not sparse: workers write it through memory maps, where a
+        # full disk would surface as a bus error (SIGBUS) instead of an error here.
+        try:
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                fh.close()
+                path.unlink(missing_ok=True)
+                raise DiskFull(f"{path}: no room for its {size_text(size)} "
+                               f"({os.strerror(exc.errno)})") from None
+            fh.truncate(size)  # a filesystem without fallocate: sparse, as before
     return path
 
 

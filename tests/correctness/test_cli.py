@@ -338,3 +338,79 @@ def test_a_failed_run_leaves_nothing_that_looks_finished(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert not out.exists() and list((tmp_path / "results").iterdir()) == []
+
+
+def limited_to(size: int):
+    """A child process that may write no file beyond `size` bytes (RLIMIT_FSIZE; Python
+    ignores SIGXFSZ, so writing past it is an EFBIG error, as a full disk's ENOSPC is)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_a_full_disk_is_one_line_not_a_crash(engine, tmp_path):
+    """The denoised series is allocated for real before workers write it through memory
+    maps (where a full disk would be a bus error): with no room, one line naming the file
+    and its size, exit status 4, and no output folder."""
+    engine.check_implements(neuro.STEPS)
+    load_dataset("phantom-tiny")  # made (cached) here, outside the limit
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "neuro", "--engine", engine.name, "--workers",
+         "2", "--dataset", "phantom-tiny", "--quiet", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, preexec_fn=limited_to(300_000))
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: disk full: ")
+    assert "denoised.nii: no room for its 774.5 KB" in proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_too_little_free_space_is_said_before_the_run():
+    from pipelines.errors import DiskFull, check_room
+
+    with pytest.raises(DiskFull, match=r"this run's output needs about 1000000.0 TB; its "
+                                       r"disk has .* free \(.* missing\)"):
+        check_room(ROOT, 10**18, "this run's output")
+    check_room(ROOT, 1, "this run's output")
+
+
+def test_ctrl_c_mid_step_is_one_line_and_leaves_nothing(engine, tmp_path):
+    """SIGINT to the command's whole process group (as a terminal's Ctrl-C) while it
+    denoises: exit 130, "interrupted" and nothing else on stderr after the signal, no
+    output folder, and none of the engine's processes left."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    engine.check_implements(neuro.STEPS)
+    slow = ["--param", "patch_radius=2", "--param", "block_radius=8"]  # ~17x the work
+    engine.check_params(neuro.STEPS, neuro.NeuroParams(patch_radius=2, block_radius=8))
+    load_dataset("phantom-small")  # made (cached) outside the timed wait
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "neuro", "--engine", engine.name, "--workers",
+         "2", "--dataset", "phantom-small", *slow, "--out", str(out)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("noise_sigma: "):  # denoising starts now
+                break
+        else:
+            pytest.fail(f"the run ended before denoising: {proc.wait()}")
+        time.sleep(2.0)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        after = proc.stderr.read()
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert status == 130, after[-3000:]
+    assert after == "interrupted\n", after[-3000:]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert alive == [], [p.cmdline()[:3] for p in alive]
