@@ -482,18 +482,34 @@ def saturated_stars(saturated: np.ndarray, image_header, ccd: CcdInput,
     camera marked them. Every usable pixel of them (and `grow` around) is masked, so a
     star saturated in every visit leaves a hole in the coadd; detect puts it back in the
     catalog, flagged, from this list (small: it travels through the client)."""
-    from scipy.ndimage import center_of_mass, label
+    return saturated_rows(*saturated_groups(saturated), image_header, ccd, grow)
+
+
+def saturated_groups(saturated: np.ndarray):
+    """(x, y, pixels) of each 8-connected group of a plane's True pixels, in scipy's
+    label order (the raster position of each group's first pixel). The centre is the
+    group's coordinate sums over its count: sums of whole numbers, exact in any order,
+    so an engine's own labelling gives the same bits."""
+    from scipy.ndimage import label
 
     if not saturated.any():
-        return np.zeros(0, dtype=SATURATED_DTYPE)
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64)
     labels, n = label(saturated, structure=np.ones((3, 3), dtype=bool))
-    index = np.arange(1, n + 1)
-    ys, xs = np.array(center_of_mass(saturated, labels, index)).T
+    ys, xs = np.indices(saturated.shape)
     pixels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    sum_x = np.bincount(labels.ravel(), weights=xs.ravel(), minlength=n + 1)[1:]
+    sum_y = np.bincount(labels.ravel(), weights=ys.ravel(), minlength=n + 1)[1:]
+    return sum_x / pixels, sum_y / pixels, pixels
+
+
+def saturated_rows(xs, ys, pixels, image_header, ccd: CcdInput, grow: int) -> np.ndarray:
+    """The groups as SATURATED_DTYPE rows: centres on the sky (a few rows: metadata)."""
+    rows = np.zeros(len(pixels), dtype=SATURATED_DTYPE)
+    if not len(pixels):
+        return rows
     wcs = _celestial_wcs(image_header)
     ra, dec = wcs.pixel_to_world_values(xs, ys)
     scale = math.sqrt(_pixel_area(wcs)) * 3600.0
-    rows = np.zeros(n, dtype=SATURATED_DTYPE)
     rows["visit"], rows["ccd"] = ccd.key
     rows["ra"], rows["dec"], rows["pixels"] = ra, dec, pixels
     # the core's radius, the grown mask, and bilinear warping's one pixel

@@ -5,8 +5,12 @@ In the study TensorFlow could run no Python kernels, funnelled all data through 
 master and came last. Here every step it runs is TensorFlow operations (`tf.function`
 graphs, XLA-compiled where the step is heavy); no `py_function` or `numpy_function`.
 NumPy appears only at the edges: the pipeline state's arrays in, results out to the
-suite's writers, and constants that depend on shapes and parameters alone (WCS matrices,
-padding indices, zoom weights). Workers read their own inputs: `tf.data` pipelines read
+suite's writers (with the few rows they hold: the saturated stars' centres put on the
+sky, the catalog's saturated rows), and constants that depend on shapes and parameters
+alone (WCS matrices, padding indices, zoom weights). One exception, only when asked for
+(`deblend=true`, off in the pinned parameters): detect hands its footprints to
+photutils' deblender on the host, between two graphs (scikit-image's watershed breaks
+its ties its own way, which a rewrite could not be held to). Workers read their own inputs: `tf.data` pipelines read
 NIfTI volumes and FITS planes or bands of rows, straight from the files by byte offset
 (`engines/tf/io.py`); headers are parsed on the host (metadata only), and outputs are
 written by the suite's own writers, since TensorFlow has no NIfTI or FITS writer.

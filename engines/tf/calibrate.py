@@ -362,6 +362,29 @@ def _flux_scale(image, variance, background, scale):
     return image, variance * (scale * scale), median
 
 
+@tf.function
+def _group_sums(core):
+    """Per 8-connected group of `core` (scipy's label order: its first pixel's raster
+    position): coordinate sums and pixel count, whole numbers, exact."""
+    height, width = core.shape
+    roots = tf.reshape(detect._label_roots(core), [-1])  # H*W for background
+    n = height * width
+    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.int64), tf.range(width, dtype=tf.int64),
+                         indexing="ij")
+    sums = tf.math.unsorted_segment_sum(
+        tf.stack([tf.reshape(xs, [-1]), tf.reshape(ys, [-1]),
+                  tf.ones([n], tf.int64)], -1), roots, n + 1)[:n]
+    first = tf.where(sums[:, 2] > 0)[:, 0]  # each group's root: its first pixel, ascending
+    return tf.gather(sums, first)
+
+
+def _groups(core):
+    """astro.saturated_groups, in TensorFlow: (x, y, pixels) of each group."""
+    sums = _group_sums(core).numpy()
+    count = sums[:, 2]
+    return sums[:, 0] / count, sums[:, 1] / count, count
+
+
 def _header_float(header, key, default) -> float:
     return float(header.get(key, default))
 
@@ -381,10 +404,12 @@ def calibrate_ccd(ccd: astro.CcdInput, workdir: str, params: astro.AstroParams):
     def bit(names):
         return tf.constant(fitsio.bits_value(bits, names), tf.int32)
 
-    # the list of saturated stars the detect step keeps: a few rows of metadata, made by
-    # the reference's own function from the camera's SAT plane
-    stars = astro.saturated_stars((mask.numpy() & (1 << bits["SAT"])) != 0, image_header,
-                                  ccd, params.saturation_grow)
+    # the saturated stars the detect step keeps: groups labelled in TensorFlow, their
+    # few rows put on the sky by the reference's own function
+    core = (mask & bit(["SAT"])) != 0
+    groups = _groups(core) if bool(tf.reduce_any(core)) else astro.saturated_groups(
+        np.zeros((1, 1), dtype=bool))
+    stars = astro.saturated_rows(*groups, image_header, ccd, params.saturation_grow)
 
     mask, unusable, n_usable, image, variance = _masks_and_fill(
         image, mask, variance, bit(["NO_DATA"]), bit(["SAT"]), bit(astro.UNUSABLE),

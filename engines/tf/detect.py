@@ -1235,6 +1235,18 @@ def _as_catalog(patch, outputs) -> np.ndarray:
     return rows
 
 
+class _FiniteAt:
+    """Whether the coadd has data at a pixel, asked of the tensors pixel by pixel: what
+    `astro.with_saturated` reads of its `valid` (its shape, a star centre's pixel)."""
+
+    def __init__(self, image, variance):
+        self.image, self.variance = image, variance
+        self.shape = tuple(image.shape)
+
+    def __getitem__(self, at):
+        return bool(tf.math.is_finite(self.image[at]) & tf.math.is_finite(self.variance[at]))
+
+
 def _read_patch(path):
     """A coadd's IMAGE and VARIANCE planes, through engines.tf.io (one read of the file)."""
     planes = io.fits_planes(path, ("IMAGE", "VARIANCE"))
@@ -1252,11 +1264,11 @@ def detect(engine, step, state, ctx, plan):
         image, variance = _read_patch(path)
         outputs = run(image, variance, _wcs_constants(skymap.patch_wcs(patch)))
         rows = _as_catalog(patch, outputs)
-        if len(plan.shared["saturated"]):  # the reference's own numpy on the catalog
-            valid = np.isfinite(image.numpy()) & np.isfinite(variance.numpy())
+        if len(plan.shared["saturated"]):  # the reference's own numpy on the catalog rows
             x, y = outputs[2].numpy(), outputs[3].numpy()  # every footprint, owned or not
             found = np.isfinite(x) & np.isfinite(y)
-            rows = astro.with_saturated(rows, patch, skymap, plan.shared["saturated"], valid,
+            rows = astro.with_saturated(rows, patch, skymap, plan.shared["saturated"],
+                                        _FiniteAt(image, variance),
                                         np.column_stack([x[found], y[found]]))
         results.append((patch, rows))
         engine._report(step.name, done, len(plan.partitions))
