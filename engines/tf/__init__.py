@@ -10,10 +10,11 @@ sky, the catalog's saturated rows), and constants that depend on shapes and para
 alone (WCS matrices, padding indices, zoom weights). One exception, only when asked for
 (`deblend=true`, off in the pinned parameters): detect hands its footprints to
 photutils' deblender on the host, between two graphs (scikit-image's watershed breaks
-its ties its own way, which a rewrite could not be held to). Workers read their own inputs: `tf.data` pipelines read
-NIfTI volumes and FITS planes or bands of rows, straight from the files by byte offset
-(`engines/tf/io.py`); headers are parsed on the host (metadata only), and outputs are
-written by the suite's own writers, since TensorFlow has no NIfTI or FITS writer.
+its ties its own way, which a rewrite could not be held to). Workers read their own
+inputs: `tf.data` pipelines read NIfTI volumes and FITS planes or bands of rows,
+straight from the files by byte offset (`engines/tf/io.py`); headers are parsed on the
+host (metadata only), and outputs are written by the suite's own writers, since
+TensorFlow has no NIfTI or FITS writer.
 
 One process: TensorFlow's intra-op thread pool has one thread per worker (`--workers`),
 its inter-op pool runs the input pipeline beside the compute. A GPU, where TensorFlow sees
