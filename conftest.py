@@ -28,7 +28,7 @@ from fixtures import comparison, datasets, gate, history  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
 from pipelines import PIPELINES  # noqa: E402
-from pipelines.errors import EngineUnavailable, InputError  # noqa: E402
+from pipelines.errors import EngineLost, EngineUnavailable, InputError  # noqa: E402
 
 TIMINGS = pytest.StashKey[list]()
 RESULTS = pytest.StashKey[list]()  # history.Result of every timed benchmark
@@ -206,13 +206,20 @@ def pytest_runtest_makereport(item, call):
             and not hasattr(report, "wasxfail"):
         report.outcome = "skipped"
         report.wasxfail = f"reason: {call.excinfo.value}"
+    if call.excinfo is not None and call.excinfo.errisinstance(EngineLost):
+        # the test fails with the engine's one line; the engine's other tests skip
+        report.longrepr = f"EngineLost: {call.excinfo.value}"
+        live = item.funcargs.get("live_engine")
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if live is not None and params and "engine" in params:
+            live.lost(params["engine"], str(call.excinfo.value))
 
 
 class LiveEngine:
     """The engines of a test session, one alive at a time: starting one closes the one
     before, so that an idle cluster's processes (their memory, their heartbeats) are
     never part of another engine's measurements. An engine that cannot start is skipped
-    with its reason, tried once."""
+    with its reason, tried once; one lost mid-run (`lost`) is skipped from then on."""
 
     def __init__(self, config):
         self.config = config
@@ -240,6 +247,15 @@ class LiveEngine:
         if self.current is not None:
             current, self.current = self.current, None
             current.close()
+
+    def lost(self, name: str, why: str) -> None:
+        """The engine went away mid-run (its cluster, its JVM): its remaining tests skip
+        with the reason; what is left of it is closed as well as it can be."""
+        self.unavailable[name] = f"engine {name} lost earlier in this run: {why}"
+        if self.current is not None and self.current.name == name:
+            current, self.current = self.current, None
+            with contextlib.suppress(Exception):
+                current.close()
 
 
 @pytest.fixture(scope="session")

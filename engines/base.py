@@ -109,11 +109,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def print_progress(label: str, done: int, total: int) -> None:
-    """A `Progress` that shows long work on stderr: live on a terminal, final count in a log."""
-    if done == total or sys.stderr.isatty():
+def print_progress(label: str, done: int, total: int, stream=None) -> None:
+    """A `Progress` that shows long work on stderr (or `stream`): live on a terminal, final
+    count in a log."""
+    stream = stream or sys.stderr
+    if done == total or stream.isatty():
         end = "\n" if done == total else ""
-        print(f"\r  {label}: {done}/{total} tasks", end=end, file=sys.stderr, flush=True)
+        print(f"\r  {label}: {done}/{total} tasks", end=end, file=stream, flush=True)
 
 
 def package_versions(names=RECORDED_PACKAGES) -> dict[str, str]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
 import dask
 import distributed
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, KilledWorker, LocalCluster
+from concurrent.futures import CancelledError
 
-from pipelines.errors import EngineUnavailable
+from pipelines.errors import EngineLost, EngineUnavailable
 
 from .base import RECORDED_PACKAGES, Engine, children_ignore_ctrl_c, package_versions
 
@@ -50,8 +52,13 @@ class DaskEngine(Engine):
     name = "dask"
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None,
-                 connect_timeout: float = 10.0, tasks_per_worker: int = 4):
+                 connect_timeout: float = 10.0, tasks_per_worker: int = 4,
+                 no_workers_timeout: float = 60.0):
         super().__init__(workers)
+        # A step whose cluster has had no worker this long is lost (the scheduler itself
+        # would wait for one forever); a worker's nanny restarts it in seconds.
+        self.no_workers_timeout = no_workers_timeout
+        self.log_handler: logging.Handler | None = None
         self.tasks_per_worker = tasks_per_worker
         self.threads = self.workers  # task slots in the cluster (an existing one may differ)
         self.scheduler = scheduler
@@ -60,6 +67,7 @@ class DaskEngine(Engine):
         self.cluster: LocalCluster | None = None
 
     def start(self):
+        self._log_to_file()
         if self.scheduler:
             try:
                 self.client = Client(self.scheduler, timeout=f"{self.connect_timeout}s")
@@ -88,6 +96,8 @@ class DaskEngine(Engine):
                                             silence_logs=logging.ERROR)
             self.client = Client(self.cluster)
             self.threads = self.workers
+            if self.log_handler is not None:  # our workers' log lines too (not a user's)
+                self.client.register_plugin(_LogToFile(self.log_handler.baseFilename))
         problems = {w: err for w, err in self.client.run(_prepare_worker).items() if err}
         if problems:
             worker, err = next(iter(problems.items()))
@@ -104,6 +114,46 @@ class DaskEngine(Engine):
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+        if self.log_handler is not None:
+            logger = logging.getLogger("distributed")
+            logger.removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
+            logger.handlers[:] = self.stream_handlers
+
+    def _log_to_file(self) -> None:
+        """With a log folder (the CLI's output), distributed's own log lines (a lost
+        connection's retries, a removed worker) go to dask.log there, as Spark's JVM logs
+        to spark.log: its handlers were made for this process's stderr at import."""
+        if self.log_dir is None:
+            return
+        logger = logging.getLogger("distributed")
+        self.stream_handlers = list(logger.handlers)
+        self.log_handler = logging.FileHandler(Path(self.log_dir) / "dask.log")
+        self.log_handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logger.handlers[:] = [self.log_handler]
+        logger.propagate = False
+
+    @property
+    def address(self) -> str:
+        return self.scheduler or (self.cluster.scheduler_address if self.cluster else "?")
+
+    def _lost(self, exc: BaseException, label: str) -> EngineLost | None:
+        """The cluster's own failures, as one line with its address (None: not one)."""
+        if isinstance(exc, CancelledError):  # distributed's Future(s)CancelledError
+            if "scheduler-connection-lost" in str(exc) or self.client.status != "running":
+                return EngineLost(f"lost the Dask scheduler at {self.address} during "
+                                  f"{label}: its connection closed")
+            reason = str(exc).split("reason:")[-1].splitlines()[0].strip().rstrip(".")
+            return EngineLost(f"the Dask cluster at {self.address} dropped {label}'s tasks "
+                              f"({reason}): its workers went away")
+        if isinstance(exc, KilledWorker):
+            deaths = dask.config.get("distributed.scheduler.allowed-failures") + 1
+            return EngineLost(f"Dask workers kept dying during {label}: a task was running "
+                              f"on each of {deaths} workers that died (KilledWorker), at "
+                              f"{self.address}")
+        return None
 
     def worker_pids(self):
         if self.cluster is None:
@@ -138,22 +188,63 @@ class DaskEngine(Engine):
                                   kernel=kernel, pure=False,
                                   key=f"{label}-{uuid.uuid4().hex[:8]}", **shared_futures)
         try:
-            # Results come in one gather at the end, so the client takes no CPU from busy
-            # workers while the step runs; completion notices only when someone watches.
-            if self.progress is not None:
-                for done, future in enumerate(as_completed(futures), 1):
-                    if future.status == "error":
-                        future.result()  # re-raises the kernel's own exception here
-                    self._report(label, done, len(futures))
+            self._wait(futures, label)
             outputs = self.client.gather(futures)  # raises the first kernel error
-        except BaseException:
-            self.client.cancel(futures)  # a failed step leaves nothing running
+        except BaseException as exc:
+            lost = self._lost(exc, label)
+            try:
+                self.client.cancel(futures)  # a failed step leaves nothing running
+            except Exception:
+                if lost is None:
+                    raise
+            if lost is not None:
+                raise lost from None
             raise
         results = [None] * len(partitions)
         for task, task_outputs in zip(tasks, outputs):
             for i, out in zip(task, task_outputs):
                 results[i] = out
         return results
+
+
+    def _wait(self, futures, label) -> None:
+        """Until every task has finished (the first error raised at once): the client
+        wakes at each completion and every few seconds, and raises EngineLost when the
+        cluster has had no worker for too long."""
+        pending, alone_since = futures, None
+        while pending:
+            try:
+                done, pending = distributed.wait(pending, timeout=5.0,
+                                                 return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                if self.client.scheduler_info().get("workers"):
+                    alone_since = None
+                    continue
+                alone_since = alone_since or time.monotonic()
+                if time.monotonic() - alone_since > self.no_workers_timeout:
+                    raise EngineLost(f"the Dask cluster at {self.address} has had no "
+                                     f"worker for {self.no_workers_timeout:.0f} s during "
+                                     f"{label}") from None
+                continue
+            for future in done:
+                if future.status != "finished":
+                    future.result()  # re-raises the kernel's (or the cluster's) error here
+            self._report(label, len(futures) - len(pending), len(futures))
+
+
+class _LogToFile(distributed.WorkerPlugin):
+    """In each worker of the local cluster (one restarted after a death too): its log
+    lines (a task's failure, say) go to the engine's log file, not to the stderr it
+    inherited from the CLI."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def setup(self, worker):
+        handler = logging.FileHandler(self.path)
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s worker {worker.name} %(name)s %(levelname)s: %(message)s"))
+        logging.getLogger("distributed").handlers[:] = [handler]
 
 
 def _run_fragments(fragments, kernel, **shared):

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import pyspark  # noqa: F401  (missing: the registry says "pip install '.[spark]'")
 
-from pipelines.errors import EngineUnavailable
+from pipelines.errors import EngineLost, EngineUnavailable
 
 from .base import RECORDED_PACKAGES, Engine, native, package_versions
 
@@ -150,8 +150,12 @@ class SparkEngine(Engine):
     def __init__(self, workers: int | None = None, master: str | None = None,
                  driver_memory: str = "2g", executor_memory: str = "2g",
                  partitions_per_core: int = PARTITIONS_PER_CORE,
-                 connect_timeout: float = 30.0, task_attempts: int = TASK_ATTEMPTS):
+                 connect_timeout: float = 30.0, task_attempts: int = TASK_ATTEMPTS,
+                 no_executors_timeout: float = 60.0):
         super().__init__(workers)
+        # On a cluster, a job with no executor this long is lost: Spark would wait for one
+        # forever (a master gone too cannot grant new ones).
+        self.no_executors_timeout = no_executors_timeout
         self.master = master
         self.driver_memory = driver_memory
         self.executor_memory = executor_memory
@@ -282,10 +286,43 @@ class SparkEngine(Engine):
 
     def close(self):
         if self.session is not None:
-            self.session.stop()
+            if self.jvm_exit() is None:
+                self.session.stop()
+            else:  # nothing to stop there; forget the session this process kept
+                from pyspark import SparkContext
+                from pyspark.sql import SparkSession
+
+                if getattr(self.sc, "_accumulatorServer", None):
+                    # its thread says the JVM's connection ended: now, not at exit
+                    self.sc._accumulatorServer.shutdown()
+                SparkContext._active_spark_context = None
+                SparkSession._instantiatedSession = SparkSession._activeSession = None
             self.session = None
             self.sc = None
             _stop_local_jvm()
+
+    def jvm_exit(self) -> int | None:
+        """The driver JVM's exit status once it has died (None: alive, or not ours)."""
+        proc = getattr(getattr(self.sc, "_gateway", None), "proc", None)
+        return proc.poll() if proc is not None else None
+
+    def _failure(self, exc: BaseException, label: str, watcher) -> Exception:
+        """A failed job as one line: the engine lost (its JVM, its cluster, its Python
+        workers dying over and over), else Spark's own first error line."""
+        status = self.jvm_exit()
+        if status is not None:
+            pid = self.sc._gateway.proc.pid
+            return EngineLost(f"Spark's JVM (pid {pid}) died during {label} (exit status "
+                              f"{status})")
+        if watcher.lost:
+            return EngineLost(f"lost the Spark cluster at {self.master} during {label}: "
+                              f"no executor for {self.no_executors_timeout:.0f} s")
+        text = str(exc)
+        if "Python worker exited unexpectedly" in text:
+            return EngineLost(f"Spark's Python workers kept dying during {label} (each of "
+                              f"{self.task_attempts} attempts of a task): "
+                              f"{_first_line(exc)}")
+        return RuntimeError(f"Spark failed in {label}: {_first_line(exc)}")
 
     def worker_pids(self):
         """Spark's Python workers: the processes the PySpark daemon forked (a local
@@ -360,19 +397,18 @@ class SparkEngine(Engine):
         broadcast = self.sc.broadcast(shared)
         group = f"{label}-{uuid.uuid4().hex[:8]}"
         self.sc.setJobGroup(group, label)
-        watcher = _ProgressWatcher(self, group, label) if self.progress else None
+        watcher = _JobWatcher(self, group, label)
         try:
             results = (pairs.mapValues(functools.partial(_run_kernel, kernel=kernel,
                                                          shared=broadcast))
                        .collect())
         except Exception as exc:
-            raise RuntimeError(f"Spark failed in {label}: "
-                               f"{_first_line(exc)}") from None
+            raise self._failure(exc, label, watcher) from None
         finally:
-            if watcher:
-                watcher.stop()
-            self.failed_tasks += _failed_attempts(self.sc, group)
-            broadcast.destroy()
+            watcher.stop()
+            if self.jvm_exit() is None:
+                self.failed_tasks += _failed_attempts(self.sc, group)
+                broadcast.destroy()
         failures = [(k, r) for k, r in results if isinstance(r, KernelFailed)]
         if failures:
             raise min(failures, key=lambda kr: str(kr[0]))[1].exc
@@ -405,14 +441,19 @@ def _failed_attempts(sc, group: str) -> int:
     return failed
 
 
-class _ProgressWatcher:
-    """Reports the step's finished tasks (RDD partitions) twice a second while it runs."""
+class _JobWatcher:
+    """While a step's job runs: reports its finished tasks (RDD partitions) twice a second
+    when someone watches, and on a cluster cancels it when no executor has been left for
+    `no_executors_timeout` (`lost`). Quiet when the JVM goes away under it."""
 
     def __init__(self, engine: SparkEngine, group: str, label: str):
         self.engine, self.group, self.label = engine, group, label
+        self.lost = False
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
+        self.thread = None
+        if engine.progress is not None or engine.master:
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
 
     def _counts(self) -> tuple[int, int]:
         tracker = self.engine.sc.statusTracker()
@@ -425,20 +466,38 @@ class _ProgressWatcher:
                     done, total = done + s.numCompletedTasks, total + s.numTasks
         return done, total
 
+    def _executors(self) -> int:
+        # the driver is one of the block managers listed; executors are the rest
+        return self.engine.sc._jsc.sc().getExecutorMemoryStatus().size() - 1
+
     def _watch(self):
-        last = None
-        while not self.done.wait(0.5):
-            counts = self._counts()
-            if counts != last and counts[1] and counts[0] < counts[1]:
-                self.engine._report(self.label, *counts)
-                last = counts
+        last, alone_since = None, None
+        try:
+            while not self.done.wait(0.5):
+                counts = self._counts()
+                if counts != last and counts[1] and counts[0] < counts[1]:
+                    self.engine._report(self.label, *counts)
+                    last = counts
+                if self.engine.master:
+                    if self._executors():
+                        alone_since = None
+                        continue
+                    alone_since = alone_since or time.monotonic()
+                    if time.monotonic() - alone_since > self.engine.no_executors_timeout:
+                        self.lost = True
+                        self.engine.sc.cancelJobGroup(self.group)
+                        return
+        except Exception:  # the JVM went away: the job's own error says so
+            return
 
     def stop(self):
         self.done.set()
-        self.thread.join()
-        done, total = self._counts()
-        if total:
-            self.engine._report(self.label, total, total)
+        if self.thread is not None:
+            self.thread.join()
+        if self.engine.progress is not None and self.engine.jvm_exit() is None:
+            done, total = self._counts()
+            if total:
+                self.engine._report(self.label, total, total)
 
 
 def _stop_local_jvm(timeout: float = 30):

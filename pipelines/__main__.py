@@ -11,16 +11,20 @@ neuro writes mask.nii.gz, denoised.nii, fa.nii.gz, md.nii.gz; astro writes the
 calibrated CCDs, warps and coadds (FITS with WCS) and catalog.fits (and, for plain
 images, the CCD files made of them); both write run.json
 (engine, versions, parameters, seconds per step, skipped inputs). Errors in the input or
-the engine are one line on stderr and exit status 2. Stderr is this command's progress
-and errors only (none with --quiet): an engine's own processes log to a file in the
-output directory (Spark's JVM: spark.log), named in run.json.
+the engine are one line on stderr and exit status 2 (README, "When things go wrong", has
+every status). Stderr is this command's progress and errors only (none with --quiet): an
+engine's own processes log to a file in the output directory (Spark's JVM: spark.log;
+what the engines' threads print: driver.log), named in run.json; --debug shows all of it,
+and the traceback of an error, on stderr instead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import errno
+import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +39,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 # Exit statuses (README: When things go wrong)
 EXIT_ERROR = 2  # the input, a parameter or the engine: one line on stderr says which
+EXIT_ENGINE_LOST = 3  # the engine's cluster, JVM or workers went away mid-run
 EXIT_DISK_FULL = 4  # the outputs do not fit: the path and the bytes
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
@@ -87,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument("--overwrite", action="store_true",
                             help="replace an earlier run's --out folder whole")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+        parser.add_argument("--debug", action="store_true",
+                            help="on stderr, what the engine prints and an error's traceback "
+                                 "(otherwise: one line, and the engine's output in OUT's "
+                                 "logs)")
     return p
 
 
@@ -150,14 +159,16 @@ def write_neuro(final, out: Path) -> list[str]:
 
 
 def write_astro(final, out: Path) -> list[str]:
+    from astropy.io import fits
     from astropy.table import Table
 
-    from pipelines import astro
+    from pipelines import astro, fitsio
 
     table = Table(final["catalog"])
     for bit, meaning in astro.FLAGS.items():  # what each bit of `flags` means, in the file
         table.meta[f"FLAG{bit}"] = meaning
-    table.write(out / "catalog.fits", overwrite=True)
+    fitsio.write_hdus(out / "catalog.fits",
+                      fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]))
     made = ["ccds/"] if final.get("ingested") else []  # plain images made into CCD files
     return made + ["calexp/", "warp/", "coadd/", "catalog.fits"]
 
@@ -236,18 +247,21 @@ def execute_in(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     check_room(args.out, pipeline.planned_output_bytes(state), "this run's output")
 
+    console = sys.stderr  # this command's progress and errors
+
     def on_step(name, s):
         seconds[name] = round(s, 3)
         if not args.quiet:
-            print(f"{name}: {s:.2f} s", file=sys.stderr)
+            print(f"{name}: {s:.2f} s", file=console)
 
     engine.log_dir = args.out  # stderr is this command's progress and errors only
-    with engine:
-        quiet_after_ctrl_c()  # after the engine's start: Spark installs its own handler
+    with engine_output(args.out, args.debug), engine:
+        if not args.debug:
+            quiet_after_ctrl_c()  # after the engine's start: Spark installs its own handler
         if not args.quiet:
-            engine.progress = print_progress
+            engine.progress = functools.partial(print_progress, stream=console)
             print(f"{engine.name} with {engine.workers} worker(s) on {inputs[0]}",
-                  file=sys.stderr)
+                  file=console)
         start = time.perf_counter()
         final = pipeline.run_pipeline(engine, state, RunContext(args.out, params, partitioning),
                                       on_step=on_step)
@@ -267,6 +281,35 @@ def execute_in(args) -> dict:
            "logs": sorted(p.name for p in args.out.glob("*.log"))}  # engines' own output
     (args.out / "run.json").write_text(json.dumps(run, indent=1))  # last: the run is whole
     return run
+
+
+@contextlib.contextmanager
+def engine_output(out: Path, debug: bool):
+    """While the engine is open, what its Python threads and loggers print (a cancelled
+    task's traceback, a dropped connection's retries) goes to OUT/driver.log, not to this
+    command's stderr; --debug leaves it on stderr. Kept only when something was said."""
+    if debug:
+        yield
+        return
+    path = out / "driver.log"
+    with open(path, "w") as log, contextlib.redirect_stderr(log):
+        yield
+    if path.stat().st_size == 0:
+        path.unlink()
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """The root logger's handler: writes to whatever sys.stderr is when a record comes
+    (the driver's log while an engine is open), where logging's own default would keep
+    the stderr of the moment a library first logged."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 INTERRUPTED = threading.Event()  # a Ctrl-C came: whatever error follows is its doing
@@ -297,13 +340,20 @@ def quiet_after_ctrl_c() -> None:
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the suite's root
     from engines.base import StepNotImplemented
-    from pipelines.errors import DiskFull, EngineUnavailable, InputError
+    from pipelines.errors import (DISK_FULL_ERRNOS, DiskFull, EngineLost, EngineUnavailable,
+                                  InputError)
 
     args = _parser().parse_args(argv)
+    logging.basicConfig(handlers=[_CurrentStderr()], format="%(levelname)s:%(name)s: "
+                        "%(message)s")
     stderr = os.dup(2)  # restored after a Ctrl-C silenced it
     try:
         run = execute(args)
     except BaseException as exc:
+        if args.debug and not isinstance(exc, SystemExit):
+            import traceback
+
+            traceback.print_exc()
         if INTERRUPTED.is_set() or isinstance(exc, KeyboardInterrupt):
             # an engine torn down by a Ctrl-C may raise its own error instead (a
             # cancelled future, a cancelled job): the interrupt is what happened
@@ -314,11 +364,13 @@ def main(argv=None) -> int:
         if isinstance(exc, (InputError, EngineUnavailable, StepNotImplemented)):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        if isinstance(exc, EngineLost):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ENGINE_LOST
         if isinstance(exc, DiskFull):
             print(f"error: disk full: {exc}", file=sys.stderr)
             return EXIT_DISK_FULL
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG,
-                                                      errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
             print(f"error: disk full: {exc.filename or args.out}: {exc.strerror}",
                   file=sys.stderr)
             return EXIT_DISK_FULL

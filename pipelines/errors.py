@@ -1,5 +1,11 @@
 """The errors a user of the suite is meant to read: each carries one line that says what is
 wrong and where, so the CLI and the test fixtures can show it without a traceback."""
+import errno
+import os
+from pathlib import Path
+
+# What a full disk looks like from a write: no space, a file-size limit, a quota.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class InputError(ValueError):
@@ -8,6 +14,10 @@ class InputError(ValueError):
 
 class EngineUnavailable(RuntimeError):
     """An engine cannot run here: its packages are missing or its cluster is unreachable."""
+
+
+class EngineLost(RuntimeError):
+    """An engine's cluster, JVM or workers went away mid-run: what, and its address."""
 
 
 class DiskFull(OSError):
@@ -20,6 +30,23 @@ def size_text(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def allocate(fh, size: int, shown_as=None) -> None:
+    """Reserve the first `size` bytes of the open file `fh` for real (not sparse) before
+    it is written: a full disk is then DiskFull here, naming the file (`shown_as`, else
+    its own name) and its size, instead of a bus error behind a memory map or a
+    half-written file. A filesystem without fallocate: a sparse file, as before."""
+    try:
+        os.posix_fallocate(fh.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            fh.truncate(size)
+            return
+        fh.close()
+        Path(fh.name).unlink(missing_ok=True)
+        raise DiskFull(f"{shown_as or fh.name}: no room for its {size_text(size)} "
+                       f"({os.strerror(exc.errno)})") from None
 
 
 def check_room(folder, needed: int, what: str) -> None:

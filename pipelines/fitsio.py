@@ -9,6 +9,7 @@ Files are written uncompressed so workers can memory-map the rows or cut-outs th
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -90,9 +91,24 @@ def write_planes(path: Path, primary_header, planes: dict[str, tuple]) -> Path:
     hdus = [fits.PrimaryHDU(header=primary_header)]
     for name, (data, header) in planes.items():
         hdus.append(fits.ImageHDU(data=data, header=header, name=name))
+    return write_hdus(path, fits.HDUList(hdus))
+
+
+def write_hdus(path: Path, hdul) -> Path:
+    """Write a FITS file whole: made in memory, its bytes allocated on disk, then written
+    (a full disk is DiskFull with the path and the size; astropy writing to disk itself
+    would say "32768 requested and 3120 written" and drop the errno), under a temporary
+    name renamed at the end, so readers never see a half-written file (a retried task
+    rewrites it)."""
+    from pipelines.errors import allocate
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    made = io.BytesIO()
+    hdul.writeto(made)
     tmp = path.with_suffix(".tmp.fits")
-    fits.HDUList(hdus).writeto(tmp, overwrite=True)
-    tmp.replace(path)  # readers never see a half-written file (a retried task rewrites it)
+    with open(tmp, "wb") as fh:
+        allocate(fh, made.getbuffer().nbytes, shown_as=path)
+        fh.write(made.getbuffer())
+    tmp.replace(path)
     return path

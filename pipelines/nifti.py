@@ -3,7 +3,6 @@ the file by path, and writes of one volume into a shared output file. Every read
 can fail because of the file turns into one `InputError` line."""
 from __future__ import annotations
 
-import errno
 import functools
 import gzip
 import os
@@ -14,7 +13,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from .errors import DiskFull, InputError, size_text
+from .errors import InputError, allocate
 
 NIFTI1_DATA_OFFSET = 352  # 348-byte header + 4-byte empty extension flag
 
@@ -100,15 +99,7 @@ def create(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray,
         fh.flush()
         # Allocated for real, not sparse: workers write it through memory maps, where a
         # full disk would surface as a bus error (SIGBUS) instead of an error here.
-        try:
-            os.posix_fallocate(fh.fileno(), 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                fh.close()
-                path.unlink(missing_ok=True)
-                raise DiskFull(f"{path}: no room for its {size_text(size)} "
-                               f"({os.strerror(exc.errno)})") from None
-            fh.truncate(size)  # a filesystem without fallocate: sparse, as before
+        allocate(fh, size)
     return path
 
 

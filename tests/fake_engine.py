@@ -2,13 +2,15 @@
 (tests/correctness/test_capabilities.py): loaded with `-p tests.fake_engine`, it registers
 `--engine fake`. It is the reference with one step declared unimplemented, one native step
 whose answer is off by a bound it declares, one native step that breaks the contract,
-and the rest on the suite's kernels. Never a stand-in for a real engine's claims."""
+and the rest on the suite's kernels; with IAB_FAKE_LOST=STEP, it loses its (pretended)
+cluster in that step. Never a stand-in for a real engine's claims."""
 from __future__ import annotations
 
 import os
 
 import engines
 from engines.base import native
+from pipelines.errors import EngineLost
 from engines.reference import ReferenceEngine
 from engines.tolerances import SAME_KERNELS, Tolerance
 
@@ -16,6 +18,7 @@ from engines.tolerances import SAME_KERNELS, Tolerance
 # IAB_FAKE_WRONG=1 (a test of what happens to a wrong answer), 10 times over it.
 MEAN_B0_ERROR = 1e-4
 WRONG = os.environ.get("IAB_FAKE_WRONG") == "1"
+LOST_IN = os.environ.get("IAB_FAKE_LOST")  # a step where the fake's cluster goes away
 
 
 class FakeEngine(ReferenceEngine):
@@ -31,6 +34,11 @@ class FakeEngine(ReferenceEngine):
     def fit_without_md(self, step, state, ctx, plan):
         outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared, step.name))
         return {"fa": outputs["fa"]}  # md missing: a broken engine
+
+    def run_step(self, step, state, ctx):
+        if step.name == LOST_IN:
+            raise EngineLost(f"lost the fake's cluster at fake://nowhere during {step.name}")
+        return super().run_step(step, state, ctx)
 
     def tolerance(self, step, quantity):
         if (step, quantity) == ("mean_b0", "mean_b0"):

@@ -47,3 +47,35 @@ def run_step_tests_on_tiny(*engine_args: str) -> str:
     assert passed and int(passed.group(1)) == 11, tail
     assert "skipped" not in proc.stdout and "failed" not in proc.stdout, tail
     return proc.stdout
+
+
+def cli_denoising(engine_args, out, dataset: str = "phantom-small"):
+    """`python -m pipelines neuro` on `dataset` with ~17x the denoising work, started in
+    its own process group (as a terminal starts a command) and returned once denoising
+    has begun (its stderr read up to there), for a test to interrupt or break."""
+    import sys
+    from pathlib import Path
+
+    from fixtures.datasets import load_dataset
+
+    load_dataset(dataset)  # made (cached) outside the wait
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "neuro", *engine_args, "--workers", "2",
+         "--dataset", dataset, "--param", "patch_radius=2", "--param", "block_radius=8",
+         "--out", str(out)], cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if line.startswith("noise_sigma: "):  # denoising starts now
+            return proc
+    raise AssertionError(f"the run ended before denoising: {proc.wait()}")
+
+
+def finish(proc, timeout: float = 120) -> tuple[int, str]:
+    """The exit status and the rest of stderr of a `cli_denoising` run; killed whole if
+    it outlives `timeout`."""
+    try:
+        after = proc.stderr.read()
+        return proc.wait(timeout=timeout), after
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

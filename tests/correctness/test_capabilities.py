@@ -81,3 +81,26 @@ def test_engine_contract_in_process(tmp_path):
     with pytest.raises(AssertionError, match="beyond tolerance"):
         assert_match(ReferenceEngine(), "neuro", outputs, run.state)
     assert MEAN_B0_ERROR > 100 * 2.0**-21
+
+
+def test_an_engine_lost_mid_run_fails_once_then_skips():
+    """The fake loses its cluster in noise_sigma: that test fails with the engine's one
+    line, the fake's later tests skip with it, and the reference's tests go on."""
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.fake_engine", "--engine", "fake",
+         "--engine", "reference", "--dataset", "phantom-tiny", "-p", "no:cacheprovider",
+         "-q", "-rA", "--no-history", "--benchmark-disable",
+         "tests/correctness/test_steps.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "IAB_FAKE_LOST": "noise_sigma"})
+    out = proc.stdout
+    line = "lost the fake's cluster at fake://nowhere during noise_sigma"
+    assert f"\nEngineLost: {line}\n" in out, out[-3000:]
+    assert "FAILED tests/correctness/test_steps.py::test_step_matches_reference[fake-" \
+           "phantom-tiny-noise_sigma]" in out
+    skipped = [s for s in out.splitlines() if s.startswith("SKIPPED [")]
+    assert skipped and all(s.endswith(f": engine fake lost earlier in this run: {line}")
+                           for s in skipped), skipped  # denoise, fit_tensor, the pipeline
+    assert "1 failed, 8 passed, 3 skipped" in out, out[-3000:]

@@ -1,5 +1,6 @@
 """The command a user runs on their own files writes what the reference computes."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from astropy.wcs import WCS
 from engines.reference import ReferenceEngine
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
-from pipelines import neuro
+from pipelines import astro, neuro
 from pipelines.steps import RunContext
 from tests.checks import assert_match, tolerances_of
 
@@ -103,6 +104,15 @@ def test_cli_dataset_of_the_other_pipeline_is_one_line(pipeline, name, other, tm
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {name} is a dataset of the {other} pipeline"
+
+
+def test_cli_debug_adds_the_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "neuro", "--dataset",
+                           "survey-tiny", "--debug", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Traceback (most recent call last):\n"), proc.stderr
+    assert proc.stderr.endswith("\nerror: survey-tiny is a dataset of the astro pipeline\n")
 
 
 SMALL_101D_B0 = 50.0  # dipy's small_101D writes its b0 volume as b=15
@@ -367,6 +377,25 @@ def test_a_full_disk_is_one_line_not_a_crash(engine, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_under_the_workers_is_one_line(engine, tmp_path):
+    """The astronomy steps' FITS files are written by the workers: each is allocated
+    before it is written, so a full disk there is one line naming the file and its size
+    (astropy alone says "32768 requested and 3120 written"), exit status 4, no output
+    folder; no worker retries it or dies of it."""
+    engine.check_implements(astro.STEPS)
+    load_dataset("survey-tiny")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "astro", "--engine", engine.name, "--workers",
+         "2", "--dataset", "survey-tiny", "--quiet", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, preexec_fn=limited_to(150_000))
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and re.fullmatch(
+        r"error: disk full: \S+/calexp/v\d{4}_c\d{3}\.fits: no room for its 409\.0 KB "
+        r"\(File too large\)\n", proc.stderr), proc.stderr[-2000:]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_too_little_free_space_is_said_before_the_run():
     from pipelines.errors import DiskFull, check_room
 
@@ -386,29 +415,18 @@ def test_ctrl_c_mid_step_is_one_line_and_leaves_nothing(engine, tmp_path):
 
     import psutil
 
+    from tests.processes import cli_denoising, finish
+
     engine.check_implements(neuro.STEPS)
-    slow = ["--param", "patch_radius=2", "--param", "block_radius=8"]  # ~17x the work
     engine.check_params(neuro.STEPS, neuro.NeuroParams(patch_radius=2, block_radius=8))
-    load_dataset("phantom-small")  # made (cached) outside the timed wait
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "neuro", "--engine", engine.name, "--workers",
-         "2", "--dataset", "phantom-small", *slow, "--out", str(out)], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = cli_denoising(["--engine", engine.name], out)
     try:
-        for line in proc.stderr:
-            if line.startswith("noise_sigma: "):  # denoising starts now
-                break
-        else:
-            pytest.fail(f"the run ended before denoising: {proc.wait()}")
         time.sleep(2.0)
         started = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGINT)
-        after = proc.stderr.read()
-        status = proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        status, after = finish(proc)
     assert status == 130, after[-3000:]
     assert after == "interrupted\n", after[-3000:]
     assert not out.exists() and list(tmp_path.iterdir()) == []

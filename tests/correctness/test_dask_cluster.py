@@ -1,8 +1,9 @@
 """The suite against an existing Dask cluster: a scheduler and two workers started here as
 separate processes on 127.0.0.1, used through `--dask-scheduler` exactly as a user with a
-real cluster would."""
+real cluster would; and that cluster going away mid-step."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import run_step_tests_on_tiny, stop
+from tests.processes import cli_denoising, finish, run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,8 @@ def start(args, log, env):
 
 
 @pytest.fixture
-def dask_cluster(tmp_path):
+def dask_processes(tmp_path):
+    """(scheduler address, [scheduler, worker, worker] processes)."""
     distributed = pytest.importorskip("distributed")
     scheduler_file = tmp_path / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the workers import the suite's kernels
@@ -42,10 +44,15 @@ def dask_cluster(tmp_path):
         address = json.loads(scheduler_file.read_text())["address"]
         with distributed.Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
-        yield address
+        yield address, procs
     finally:
         stop(procs)
         log.close()
+
+
+@pytest.fixture
+def dask_cluster(dask_processes):
+    return dask_processes[0]
 
 
 def test_pipeline_runs_through_dask_scheduler_option(dask_cluster):
@@ -58,3 +65,49 @@ def test_pipeline_runs_through_dask_scheduler_option(dask_cluster):
         assert len(client.scheduler_info()["workers"]) == 2
     assert {"denoise", "fit_tensor", "calibrate", "warp", "coadd", "detect"} <= set(prefixes), \
         prefixes
+
+
+@pytest.mark.parametrize("killed", ["scheduler", "workers"])
+def test_a_cluster_lost_mid_step_is_one_line(dask_processes, killed, tmp_path):
+    """The scheduler, or every worker (their nannies too), killed while the CLI denoises:
+    one line naming the cluster's address, exit status 3, no output folder."""
+    address, procs = dask_processes
+    out = tmp_path / "run" / "out"
+    proc = cli_denoising(["--engine", "dask", "--dask-scheduler", address], out)
+    try:
+        time.sleep(1.0)
+        for victim in procs[:1] if killed == "scheduler" else procs[1:]:
+            os.killpg(victim.pid, signal.SIGKILL)
+    finally:
+        status, after = finish(proc)
+    assert status == 3, after[-3000:]
+    says = (f"error: lost the Dask scheduler at {address} during denoise: its connection "
+            f"closed\n" if killed == "scheduler" else
+            f"error: the Dask cluster at {address} dropped denoise's tasks (")
+    assert after.startswith(says) and after.count("\n") == 1, after[-3000:]
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_step_with_no_worker_left_ends(dask_processes):
+    """Tasks that need no scattered data would wait for a worker forever: the engine
+    gives up after `no_workers_timeout`, in one line."""
+    from engines.dask import DaskEngine
+    from pipelines.errors import EngineLost
+
+    address, procs = dask_processes
+    engine = DaskEngine(scheduler=address, no_workers_timeout=3).start()
+    try:
+        def kill_workers():
+            time.sleep(1.0)
+            for worker in procs[1:]:
+                os.killpg(worker.pid, signal.SIGKILL)
+        import threading
+
+        threading.Thread(target=kill_workers, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(EngineLost, match=rf"the Dask cluster at {address} has had no "
+                                             rf"worker for 3 s during sleep"):
+            engine.map(time.sleep, [30.0] * 4, {}, "sleep")
+        assert time.monotonic() - started < 20
+    finally:
+        engine.close()

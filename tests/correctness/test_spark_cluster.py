@@ -1,17 +1,20 @@
 """The suite against a real Spark standalone cluster: a master and two workers started
 here from pyspark's own `bin/spark-class`, as separate processes bound to 127.0.0.1, and
-used through `--spark-master` exactly as a user with a real cluster would."""
+used through `--spark-master` exactly as a user with a real cluster would; and that
+cluster, or the driver's JVM, going away mid-step."""
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.processes import free_port, run_step_tests_on_tiny, stop
+from tests.processes import cli_denoising, finish, free_port, run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 WORKERS = 2
@@ -80,14 +83,14 @@ def spark_cluster(tmp_path):
             assert all(p.poll() is None for p in procs), log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the workers did not register in 90 s"
             time.sleep(0.3)
-        yield master, ui_port
+        yield master, ui_port, procs
     finally:
         stop(procs)
         log.close()
 
 
 def test_pipelines_run_through_spark_master_option(spark_cluster):
-    master, ui_port = spark_cluster
+    master, ui_port, _ = spark_cluster
     run_step_tests_on_tiny("--engine", "spark", "--spark-master", master,
                            "--spark-executor-memory", "1g")
     # The work ran on this cluster: one finished application, on both workers' cores.
@@ -108,3 +111,69 @@ def test_unreachable_master_is_one_line(tmp_path):
                                                 r"spark://127.0.0.1:\d+"):
         create_engine("spark", spark_master=f"spark://127.0.0.1:{free_port()}").start()
     assert time.monotonic() - start < 30
+
+
+def kill_soon(procs, after: float = 1.0):
+    def kill():
+        time.sleep(after)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+    threading.Thread(target=kill, daemon=True).start()
+
+
+def test_a_running_step_outlives_its_master(spark_cluster):
+    """The master only grants executors: killed mid-step, the step still ends, with its
+    answers (the application keeps the executors it has)."""
+    from engines.spark import SparkEngine
+
+    master, _, procs = spark_cluster
+    engine = SparkEngine(master=master, executor_memory="1g").start()
+    try:
+        kill_soon(procs[:1])
+        assert engine.map(abs, [-1.5, -2.5, 3.5, -4.5], {}, "abs") == [1.5, 2.5, 3.5, 4.5]
+        assert engine.map(time.sleep, [2.0] * 4, {}, "sleep") == [None] * 4
+    finally:
+        engine.close()
+
+
+def test_a_cluster_lost_mid_step_is_one_line(spark_cluster):
+    """Master and workers killed mid-step: Spark would wait for an executor forever; the
+    engine gives up after `no_executors_timeout`, in one line with the master's URL."""
+    from engines.spark import SparkEngine
+    from pipelines.errors import EngineLost
+
+    master, _, procs = spark_cluster
+    engine = SparkEngine(master=master, executor_memory="1g", no_executors_timeout=5).start()
+    try:
+        kill_soon(procs)
+        started = time.monotonic()
+        with pytest.raises(EngineLost, match=rf"lost the Spark cluster at {master} during "
+                                             rf"sleep: no executor for 5 s"):
+            engine.map(time.sleep, [60.0] * 4, {}, "sleep")
+        assert time.monotonic() - started < 40
+    finally:
+        engine.close()
+
+
+def test_a_killed_jvm_is_one_line(tmp_path):
+    """The driver's JVM killed while the CLI denoises (local Spark): one line with its
+    pid, exit status 3, no output folder, no process left."""
+    import psutil
+
+    spark_runnable()
+    out = tmp_path / "out"
+    proc = cli_denoising(["--engine", "spark"], out)
+    try:
+        time.sleep(1.0)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        jvm = [p for p in started if p.name() == "java"]
+        assert len(jvm) == 1, [p.cmdline()[:2] for p in started]
+        jvm[0].kill()
+    finally:
+        status, after = finish(proc)
+    assert status == 3, after[-3000:]
+    assert re.fullmatch(rf"error: Spark's JVM \(pid {jvm[0].pid}\) died during denoise "
+                        rf"\(exit status -9\)\n", after), after[-3000:]
+    assert list(tmp_path.iterdir()) == []
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert alive == [], [p.cmdline()[:3] for p in alive]
