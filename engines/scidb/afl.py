@@ -127,10 +127,14 @@ def with_mask(series: Series, mask: Volume) -> str:
            f"k, xi, yi, zi, v, mi)"
 
 
-def rechunk(series: Series, block, target: str) -> str:
-    """A series rechunked into voxel blocks of every volume (the fit's unit)."""
-    blocks = Series(target, series.shape, series.volumes, tuple(block), series.volumes)
-    return f"store(repart({series.name}, {blocks.schema}), {target})"
+def rechunk(series: Series, block, target: str, volumes_per_chunk: int) -> Series:
+    """`series` stored again as `target`, chunked into voxel blocks of this many volumes
+    (the fit's unit: a block of every volume; the denoising's: a whole volume)."""
+    return Series(target, series.shape, series.volumes, tuple(block), volumes_per_chunk)
+
+
+def store_rechunked(series: Series, target: Series) -> str:
+    return f"store(repart({series.name}, {target.schema}), {target.name})"
 
 
 def answer_positions(target: str) -> tuple[str, str]:

@@ -22,6 +22,7 @@ import numpy as np
 from pipelines import astro, fitsio, nifti
 from pipelines.errors import EngineUnavailable
 
+from .. import voxel_block
 from ..base import Engine, native
 from ..tolerances import FLOAT32_RTOL, FLOOR, Tolerance
 from . import afl, binary
@@ -60,8 +61,14 @@ class SciDBEngine(Engine):
     name = "scidb"
 
     def __init__(self, workers: int | None = None, url: str | None = None,
-                 python: str | None = None, suite: str | None = None):
+                 python: str | None = None, suite: str | None = None,
+                 chunk: tuple[int, int, int] | None = None,
+                 fit_block: tuple[int, int, int] | None = None):
         super().__init__(workers)
+        # the voxel block of a chunk of the stored series (None: a whole volume, the
+        # study's unit) and of the fit's chunks (None: the run's partitioning's block)
+        self.chunk = voxel_block(chunk) if chunk is not None else None
+        self.fit_block = voxel_block(fit_block) if fit_block is not None else None
         self.url = url or os.environ.get("SCIDB_URL")
         # the stream child runs on the server, with an empty environment: absolute paths
         self.python = python or "/usr/bin/python3"
@@ -123,6 +130,13 @@ class SciDBEngine(Engine):
         self.shim.close()
         self.shim = None
 
+    def describe(self):
+        facts = super().describe()
+        facts.update(url=self.url, chunk=list(self.chunk) if self.chunk else "a volume",
+                     fit_block=list(self.fit_block) if self.fit_block
+                     else "the partitioning's block")
+        return facts
+
     def versions(self) -> dict[str, str]:
         found = super().versions()
         if self.shim is not None:
@@ -159,13 +173,19 @@ class SciDBEngine(Engine):
         """A 4-D NIfTI in SciDB (one upload and insert per volume), once per file."""
         key = (str(path), os.stat(path).st_mtime_ns, "series")
         if key not in self.loaded:
-            series = afl.Series(self._array("series"), tuple(shape), volumes)
+            series = afl.Series(self._array("series"), tuple(shape), volumes,
+                                self.chunk)
             self.shim.execute(afl.create(series))
             for k in range(volumes):
                 self._upload(series, nifti.read_volume(path, k), k)
                 self._report("ingest", k + 1, volumes)
             self.loaded[key] = series
         return self.loaded[key]
+
+    def _rechunked(self, series: afl.Series, block, volumes_per_chunk: int) -> afl.Series:
+        target = afl.rechunk(series, block, self._array("blocks"), volumes_per_chunk)
+        self.shim.execute(afl.store_rechunked(series, target))
+        return target
 
     def _mask(self, mask: np.ndarray, chunk=None) -> afl.Volume:
         """The mask in SciDB, chunked over x, y, z as the series it is joined to."""
@@ -227,6 +247,8 @@ class SciDBEngine(Engine):
     @native("noise_sigma")
     def noise_sigma(self, step, state, ctx, plan):
         dwi = self._series(state["dwi"], state["shape"], state["n_volumes"])
+        if self.chunk is not None:  # the estimate is a whole volume's
+            dwi = self._rechunked(dwi, dwi.shape, 1)
         lines = self._stream(afl.with_coordinates(dwi.name, four_d=True), "noise_sigma",
                              {"shape": list(state["shape"]), "params": self._params(ctx)})
         sigma = {int(k): float(s) for k, s in lines}
@@ -235,6 +257,8 @@ class SciDBEngine(Engine):
     @native("denoise")
     def denoise(self, step, state, ctx, plan):
         dwi = self._series(state["dwi"], state["shape"], state["n_volumes"])
+        if self.chunk is not None:  # the kernel denoises a whole volume per chunk
+            dwi = self._rechunked(dwi, dwi.shape, 1)
         mask = self._mask(state["mask"])
         answers = self._answers(afl.with_mask(dwi, mask), "denoise",
                                 {"shape": list(state["shape"]), "params": self._params(ctx),
@@ -262,11 +286,8 @@ class SciDBEngine(Engine):
     @native("fit_tensor")
     def fit_tensor(self, step, state, ctx, plan):
         denoised = self._series(state["denoised"], state["shape"], state["n_volumes"])
-        block = tuple(ctx.partitioning.block)
-        blocks = self._array("blocks")
-        self.shim.execute(afl.rechunk(denoised, block, blocks))
-        rechunked = afl.Series(blocks, denoised.shape, denoised.volumes, block,
-                               volumes_per_chunk=denoised.volumes)
+        block = self.fit_block or tuple(ctx.partitioning.block)
+        rechunked = self._rechunked(denoised, block, denoised.volumes)
         mask = self._mask(state["mask"], chunk=block)
         lines = self._stream(afl.with_mask(rechunked, mask), "fit_tensor",
                              {"params": self._params(ctx),

@@ -163,9 +163,9 @@ class RecordingShim:
         return b""
 
 
-def sent_for(pipeline, step_name, run, tmp_path) -> list[str]:
+def sent_for(pipeline, step_name, run, tmp_path, **options) -> list[str]:
     engine = SciDBEngine(url="http://scidb.example:8080", python="/usr/bin/python3",
-                         suite="/srv/image-analytics-bench")
+                         suite="/srv/image-analytics-bench", **options)
     engine.shim, engine.token = RecordingShim(), "snap"
     step = pipeline.STEP_BY_NAME[step_name]
     state = run.state_before(step_name)
@@ -193,6 +193,34 @@ def test_compiled_afl_is_the_reviewed_snapshot(pipeline, step, request, tmp_path
         path.write_text(got)
     assert path.exists(), f"no snapshot {path}: IAB_UPDATE_SNAPSHOTS=1 makes it"
     assert got == path.read_text()
+
+
+def test_chunk_sizes_are_options_recorded_and_followed(run, tmp_path):
+    """At the defaults the snapshots hold (a volume per chunk, the partitioning's fit
+    block); given, the series is stored in those blocks, the whole-volume steps read it
+    rechunked to volumes, and the fit streams its own blocks."""
+    options = {"chunk": (8, 8, 8), "fit_block": "12,14,12"}
+    sent = "\n".join(sent_for(neuro, "noise_sigma", run, tmp_path, **options))
+    assert "<v:float not null>[vol=0:11:0:1; x=0:23:0:8; y=0:27:0:8; z=0:23:0:8]" in sent
+    assert "store(repart(iab_snap_series_0, <v:float not null>[vol=0:11:0:1; x=0:23:0:24; " \
+           "y=0:27:0:28; z=0:23:0:24]), iab_snap_blocks_1)" in sent
+    sent = "\n".join(sent_for(neuro, "fit_tensor", run, tmp_path, **options))
+    assert "[vol=0:11:0:12; x=0:23:0:12; y=0:27:0:14; z=0:23:0:12]" in sent
+    facts = SciDBEngine(**options).describe()
+    assert facts["chunk"] == [8, 8, 8] and facts["fit_block"] == [12, 14, 12]
+    assert SciDBEngine().describe()["chunk"] == "a volume"
+
+
+@pytest.mark.parametrize("text", ["0,1", "8,8", "a,b,c", "8,8,-1", ""])
+def test_a_bad_voxel_block_is_refused_in_one_line(text):
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "neuro", "--dataset",
+                           "phantom-tiny", "--engine", "scidb", "--scidb-fit-block", text,
+                           "--out", "unused"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"argument --scidb-fit-block: {text!r} is not a voxel block: X,Y,Z positive "
+        f"integers (or one, for a cube), e.g. 16,16,16")
 
 
 def test_close_removes_every_array_it_can():
