@@ -4,8 +4,9 @@ never run this engine against one: its pieces are tested on their own (the binar
 the shim client against shim's replies, the stream child against the reference's
 kernels, the compiled AFL against reviewed snapshots).
 
-Each step: the inputs the step needs are put into SciDB as binary (cached by file for the
-session), the step's AFL runs (engines/scidb/afl.py), its results come back as binary.
+Each step: the inputs the step needs are put into SciDB as binary (the DWI cached by file
+for the session), the step's AFL runs (engines/scidb/afl.py), its results come back: as
+binary from AFL, as the stream child's text answers (TSV exchange) from stream().
 Arrays this engine makes are named `iab_<session>_<what>` and removed when it closes.
 Credentials come from the environment, never from the repository: SCIDB_USER and
 SCIDB_PASSWORD (SciDB's own), SHIM_USER and SHIM_PASSWORD (shim's HTTP digest).
