@@ -36,6 +36,24 @@ class Option:
                      help=self.help, default=None)
 
 
+def voxel_block(value) -> tuple[int, int, int]:
+    """'16,16,16' (or '16' for a cube, or a tuple) -> (16, 16, 16); anything else is
+    refused in one line (argparse prints an ArgumentTypeError's message as it is)."""
+    import argparse
+
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        block = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        block = ()
+    if len(block) == 1:
+        block *= 3
+    if len(block) != 3 or min(block) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a voxel block: X,Y,Z positive integers "
+                         f"(or one, for a cube), e.g. 16,16,16")
+    return block
+
+
 @dataclass(frozen=True)
 class Entry:
     module: str
@@ -67,6 +85,12 @@ ENGINES = {
                "suite's kernels in stream() (default /usr/bin/python3)", metavar="PATH"),
         Option("--scidb-suite", "suite", "this repository's path on the SciDB server "
                "(default: the same path as here)", metavar="PATH"),
+        Option("--scidb-chunk", "chunk", "voxel block of each chunk of the stored DWI "
+               "series (default: a whole volume, the study's unit)", metavar="X,Y,Z",
+               type=voxel_block),
+        Option("--scidb-fit-block", "fit_block", "voxel block of each chunk the tensor fit "
+               "streams, every volume of it (default: 16,16,16, the partitioning's)",
+               metavar="X,Y,Z", type=voxel_block),
     )),
     "tensorflow": Entry("engines.tf", "TensorFlowEngine", "tensorflow", (
         Option("--tf-precision", "precision", "floating point of TensorFlow's heavy steps "

@@ -661,22 +661,39 @@ def plan_warp(state, ctx: RunContext) -> Plan:
 
 # -- 3A coadd: per patch -------------------------------------------------------------------
 
+def visit_weight(variance: np.ndarray, params: AstroParams) -> float:
+    """A visit's weight in its patch's coadd: 1 / the clipped mean of its warp's variance
+    (shared with an engine that clips outside the kernel)."""
+    from astropy.stats import sigma_clipped_stats
+
+    mean, _, _ = sigma_clipped_stats(variance[np.isfinite(variance)],
+                                     sigma=params.weight_clip_sigma)
+    return 1.0 / mean
+
+
+def kept_values(image: np.ndarray, variance: np.ndarray, params: AstroParams) -> np.ndarray:
+    """Which (visit, pixel) values of stacked float64 warps the coadd keeps: usable ones
+    within `clip_sigma` of the median over visits, iterated (per pixel, so any row
+    grouping gives the same answer)."""
+    from astropy.stats import sigma_clip
+
+    usable = np.isfinite(image) & np.isfinite(variance)
+    clipped = sigma_clip(np.ma.masked_array(image, ~usable), sigma=params.clip_sigma,
+                         maxiters=params.clip_iterations, cenfunc="median",
+                         stdfunc="std", axis=0, masked=True, copy=True)
+    return ~np.ma.getmaskarray(clipped)
+
+
 def coadd_kernel(part, skymap: SkyMap, workdir: str, params: AstroParams, strip_rows: int):
     """Per-pixel sigma-clipped, visit-weighted mean of a patch's warps, with its variance
     and the number of visits that went into each pixel. Holds `strip_rows` rows of every
     visit at a time."""
-    from astropy.stats import sigma_clip, sigma_clipped_stats
-
     patch, warps = part
     height, width = skymap.patch_shape
     hduls = [fitsio.open_fits(path) for _, path in warps]
     try:
-        weights = []
-        for (_, path), hdul in zip(warps, hduls):
-            variance = fitsio.read_plane(hdul, "VARIANCE", path=path)
-            mean, _, _ = sigma_clipped_stats(variance[np.isfinite(variance)],
-                                             sigma=params.weight_clip_sigma)
-            weights.append(1.0 / mean)
+        weights = [visit_weight(fitsio.read_plane(hdul, "VARIANCE", path=path), params)
+                   for (_, path), hdul in zip(warps, hduls)]
         weight = np.array(weights, dtype=np.float64)[:, None, None]
         coadd = np.full((height, width), np.nan, dtype=np.float32)
         coadd_var = np.full((height, width), np.nan, dtype=np.float32)
@@ -687,11 +704,7 @@ def coadd_kernel(part, skymap: SkyMap, workdir: str, params: AstroParams, strip_
                               for (_, p), h in zip(warps, hduls)]).astype(np.float64)
             variance = np.stack([fitsio.read_plane(h, "VARIANCE", rows, path=p)
                                  for (_, p), h in zip(warps, hduls)]).astype(np.float64)
-            usable = np.isfinite(image) & np.isfinite(variance)
-            clipped = sigma_clip(np.ma.masked_array(image, ~usable), sigma=params.clip_sigma,
-                                 maxiters=params.clip_iterations, cenfunc="median",
-                                 stdfunc="std", axis=0, masked=True, copy=True)
-            keep = ~np.ma.getmaskarray(clipped)
+            keep = kept_values(image, variance, params)
             w = np.where(keep, weight, 0.0)
             total = w.sum(axis=0)
             n = keep.sum(axis=0)
@@ -704,9 +717,17 @@ def coadd_kernel(part, skymap: SkyMap, workdir: str, params: AstroParams, strip_
     finally:
         for hdul in hduls:
             hdul.close()
+    return patch, write_coadd(patch, [v for v, _ in warps], weights, coadd, coadd_var,
+                              count, skymap, workdir, params)
+
+
+def write_coadd(patch: Patch, visits, weights, coadd: np.ndarray, coadd_var: np.ndarray,
+                count: np.ndarray, skymap: SkyMap, workdir: str, params: AstroParams) -> str:
+    """A patch's coadd file (its planes, the visits and weights in its header, the
+    optional variance rescale); returns its path (shared with an engine's own coadd)."""
     header = skymap.patch_wcs(patch).to_header()
-    header["NVISITS"] = len(warps)
-    for n, ((visit, _), w) in enumerate(zip(warps, weights)):
+    header["NVISITS"] = len(visits)
+    for n, (visit, w) in enumerate(zip(visits, weights)):
         header[f"VISIT{n}"] = (visit, f"visit of warp {n}")
         header[f"WEIGHT{n}"] = (w, f"weight of visit {visit}: 1/clipped mean variance")
     if params.coadd_rescale_variance:
@@ -716,7 +737,7 @@ def coadd_kernel(part, skymap: SkyMap, workdir: str, params: AstroParams, strip_
     path = Path(workdir) / "coadd" / f"p{patch[0]}_{patch[1]}.fits"
     fitsio.write_planes(path, None, {"IMAGE": (coadd, header), "VARIANCE": (coadd_var, None),
                                      "EXPCOUNT": (count, None)})
-    return patch, str(path)
+    return str(path)
 
 
 def variance_scale(image: np.ndarray, variance: np.ndarray, sigma: float = 3.0) -> float:

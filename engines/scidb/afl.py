@@ -1,5 +1,5 @@
-"""The neuroscience steps compiled to SciDB's AFL (SciDB 19.11 syntax): what the SciDB
-engine sends, pinned by reviewed snapshots (tests/snapshots/scidb/).
+"""The steps compiled to SciDB's AFL (SciDB 19.11 syntax): what the SciDB engine sends,
+pinned by reviewed snapshots (tests/snapshots/scidb/).
 
 Arrays are dense, one attribute, dimensions in the suite's axis order; a DWI is
 `[vol; x; y; z]` chunked one volume per chunk (the study's unit). Data goes in as binary
@@ -8,6 +8,11 @@ and results come out as binary (`save` formats of engines.scidb.binary). Where S
 the operator, the step is AFL alone (the b0 mean: `filter` + `aggregate`); where it does
 not, `stream()` runs engines.scidb.stream_child, the suite's own kernels, on each chunk,
 with the coordinates `apply()`d as attributes (only attributes travel).
+
+The astronomy arrays (`Cells`) are stacks of planes keyed as the study keyed its work, one
+member per chunk: CCDs `[ccd; y; x]` (calibrate), calexps shuffled to `[part; ccd; y; x]`
+by (visit, patch) (warp), warps `[patch; n; y; x]` (coadd), coadds `[patch; y; x]`
+(detect).
 """
 from __future__ import annotations
 
@@ -122,10 +127,14 @@ def with_mask(series: Series, mask: Volume) -> str:
            f"k, xi, yi, zi, v, mi)"
 
 
-def rechunk(series: Series, block, target: str) -> str:
-    """A series rechunked into voxel blocks of every volume (the fit's unit)."""
-    blocks = Series(target, series.shape, series.volumes, tuple(block), series.volumes)
-    return f"store(repart({series.name}, {blocks.schema}), {target})"
+def rechunk(series: Series, block, target: str, volumes_per_chunk: int) -> Series:
+    """`series` stored again as `target`, chunked into voxel blocks of this many volumes
+    (the fit's unit: a block of every volume; the denoising's: a whole volume)."""
+    return Series(target, series.shape, series.volumes, tuple(block), volumes_per_chunk)
+
+
+def store_rechunked(series: Series, target: Series) -> str:
+    return f"store(repart({series.name}, {target.schema}), {target.name})"
 
 
 def answer_positions(target: str) -> tuple[str, str]:
@@ -138,3 +147,80 @@ def answer_positions(target: str) -> tuple[str, str]:
 def answer(target: str, instance: int, chunk: int) -> str:
     """One answer of a stream (read one at a time: a volume's cells each)."""
     return f"project(between({target}, {instance}, {chunk}, {instance}, {chunk}), response)"
+
+
+# -- astronomy ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cells:
+    """An array of named attributes over named dimensions, `dims`: (name, size, chunk)."""
+
+    name: str
+    attributes: tuple[tuple[str, str], ...]  # (name, SciDB type), all not null
+    dims: tuple[tuple[str, int, int], ...]
+
+    @property
+    def schema(self) -> str:
+        return attributes(self.attributes) + dims(*zip(*self.dims))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.attributes)
+
+
+def attributes(pairs) -> str:
+    return "<" + ", ".join(f"{n}:{t} not null" for n, t in pairs) + ">"
+
+
+def load_plane(target: Cells, path: str, shape, member: dict[str, int]) -> str:
+    """Insert one uploaded member of a stack (a CCD, a coadd: its attributes per pixel,
+    C order over y, x, in binary) at `member`'s coordinates of `target`."""
+    rows, cols = shape
+    fmt = "(" + ", ".join(t for _, t in target.attributes) + ")"
+    flat = f"input({attributes(target.attributes)}[i=0:{rows * cols - 1}:0:{rows * cols}], " \
+           f"{quote(path)}, -2, {quote(fmt)})"
+    plane = f"reshape({flat}, {attributes(target.attributes)}" \
+            f"{dims('yx', shape, shape)})"
+    at = ", ".join(f"{d}, int64({v})" for d, v in member.items())
+    return f"insert(redimension(apply({plane}, {at}), {target.name}), {target.name})"
+
+
+def load_cells(target: Cells, path: str, count: int) -> str:
+    """Insert `count` uploaded cells, each its coordinates then its attributes (int64
+    coordinates; binary), into `target` (the sparse way in: only the cells there are)."""
+    columns = [(d, "int64") for d, _, _ in target.dims] + list(target.attributes)
+    fmt = "(" + ", ".join(t for _, t in columns) + ")"
+    return f"insert(redimension(input({attributes(columns)}[i=0:{count - 1}:0:{count}], " \
+           f"{quote(path)}, -2, {quote(fmt)}), {target.name}), {target.name})"
+
+
+def coordinates(source: str, names, attrs) -> str:
+    """The cells' coordinates `names` as leading attributes (`<name>i`), then `attrs`."""
+    applied = ", ".join(f"{n}i, {n}" for n in names)
+    kept = ", ".join([f"{n}i" for n in names] + list(attrs))
+    return f"project(apply({source}, {applied}), {kept})"
+
+
+def shuffle(ccds: Cells, assignment: Cells, target: Cells) -> str:
+    """The study's flatMap and group-by in AFL: each CCD's cells copied to every part
+    (visit, patch) the assignment `<part>[ccd; k]` gives it, one part per chunk."""
+    joined = f"cross_join({ccds.name}, {assignment.name}, {ccds.name}.ccd, " \
+             f"{assignment.name}.ccd)"
+    return f"store(redimension({joined}, {target.schema}), {target.name})"
+
+
+def coadd_sums(warps: Cells, weights: Cells, dropped: Cells) -> tuple[str, str]:
+    """(query, binary save format): per patch pixel, the visit-weighted sums of the cells
+    the clipping kept (every cell of `warps` but the `dropped` ones), as the kernel
+    forms them (image * w; variance * w * w; double), the sum of weights and the count,
+    then mean = sum(image w) / sum(w) and variance = sum(variance w w) / sum(w)^2."""
+    w, wt, dr = warps.name, weights.name, dropped.name
+    flags = f"merge({dr}, project(apply({w}, r, int64(0)), r))"
+    weighted = f"cross_join({w}, {wt}, {w}.patch, {wt}.patch, {w}.n, {wt}.n)"
+    kept = f"filter(join({weighted}, {flags}), r = 0)"
+    terms = f"apply({kept}, wi, double(image) * w, wv, double(variance) * w * w)"
+    sums = f"aggregate({terms}, sum(wi) as swi, sum(wv) as swv, sum(w) as sw, " \
+           f"count(*) as kept, patch, y, x)"
+    stats = f"apply({sums}, mean, swi / sw, var, swv / (sw * sw))"
+    return (coordinates(stats, ("patch", "y", "x"), ("mean", "var", "kept")),
+            "(int64, int64, int64, double null, double null, uint64)")

@@ -1,11 +1,12 @@
-"""The SciDB engine: the neuroscience steps run inside a SciDB server the user runs,
+"""The SciDB engine: both pipelines' steps run inside a SciDB server the user runs,
 through its shim HTTP service (`--scidb-url`). Nothing here starts a server, and CI has
 never run this engine against one: its pieces are tested on their own (the binary format,
 the shim client against shim's replies, the stream child against the reference's
 kernels, the compiled AFL against reviewed snapshots).
 
-Each step: the inputs the step needs are put into SciDB as binary (cached by file for the
-session), the step's AFL runs (engines/scidb/afl.py), its results come back as binary.
+Each step: the inputs the step needs are put into SciDB as binary (the DWI cached by file
+for the session), the step's AFL runs (engines/scidb/afl.py), its results come back: as
+binary from AFL, as the stream child's text answers (TSV exchange) from stream().
 Arrays this engine makes are named `iab_<session>_<what>` and removed when it closes.
 Credentials come from the environment, never from the repository: SCIDB_USER and
 SCIDB_PASSWORD (SciDB's own), SHIM_USER and SHIM_PASSWORD (shim's HTTP digest).
@@ -19,26 +20,56 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import nifti
+from pipelines import astro, fitsio, nifti
 from pipelines.errors import EngineUnavailable
 
+from .. import voxel_block
 from ..base import Engine, native
+from ..tolerances import FLOAT32_RTOL, FLOOR, Tolerance
 from . import afl, binary
 from .shim import Shim, ShimError
 from .stream_child import encode_args
 
 SUITE = Path(__file__).resolve().parents[2]
-ASTRO = ("not compiled for SciDB yet: the astronomy steps are the next part of this "
-         "engine")
+# bash -c takes the stream command as one argument: Linux's MAX_ARG_STRLEN
+MAX_COMMAND = 128 * 1024
+# the CCD planes as calibrate and warp read them
+CCD_ATTRIBUTES = (("image", "float"), ("mask", "int32"), ("variance", "float"))
+PAIR = (("image", "float"), ("variance", "float"))
+SUMS = Tolerance(
+    "the kernel's products, summed by SciDB's aggregate in its own order (float64), then "
+    "cast to float32: the same 4 float32 ulps plus 1e-6 of the largest magnitude as the "
+    "same kernels; the clipping decisions are the kernel's own (stream()), so the "
+    "exposure counts are identical", rtol=FLOAT32_RTOL, floor=FLOOR)
+
+
+def ccd_facts(path: str) -> dict:
+    """What the stream child needs of a CCD file besides its pixels: its shape and its
+    headers as text, without the scaling keywords (the pixels travel as the values the
+    kernels read)."""
+    headers = {}
+    with fitsio.open_fits(path) as hdul:
+        for name, hdu in (("PRIMARY", hdul[0]), ("IMAGE", hdul["IMAGE"]),
+                          ("MASK", hdul["MASK"])):
+            header = hdu.header.copy()
+            for key in ("BZERO", "BSCALE", "BLANK"):
+                header.remove(key, ignore_missing=True)
+            headers[name] = header.tostring(sep="\n")
+        return {"shape": list(hdul["IMAGE"].shape), "headers": headers}
 
 
 class SciDBEngine(Engine):
     name = "scidb"
-    not_implemented = {"calibrate": ASTRO, "warp": ASTRO, "coadd": ASTRO, "detect": ASTRO}
 
     def __init__(self, workers: int | None = None, url: str | None = None,
-                 python: str | None = None, suite: str | None = None):
+                 python: str | None = None, suite: str | None = None,
+                 chunk: tuple[int, int, int] | None = None,
+                 fit_block: tuple[int, int, int] | None = None):
         super().__init__(workers)
+        # the voxel block of a chunk of the stored series (None: a whole volume, the
+        # study's unit) and of the fit's chunks (None: the run's partitioning's block)
+        self.chunk = voxel_block(chunk) if chunk is not None else None
+        self.fit_block = voxel_block(fit_block) if fit_block is not None else None
         self.url = url or os.environ.get("SCIDB_URL")
         # the stream child runs on the server, with an empty environment: absolute paths
         self.python = python or "/usr/bin/python3"
@@ -100,6 +131,13 @@ class SciDBEngine(Engine):
         self.shim.close()
         self.shim = None
 
+    def describe(self):
+        facts = super().describe()
+        facts.update(url=self.url, chunk=list(self.chunk) if self.chunk else "a volume",
+                     fit_block=list(self.fit_block) if self.fit_block
+                     else "the partitioning's block")
+        return facts
+
     def versions(self) -> dict[str, str]:
         found = super().versions()
         if self.shim is not None:
@@ -136,13 +174,19 @@ class SciDBEngine(Engine):
         """A 4-D NIfTI in SciDB (one upload and insert per volume), once per file."""
         key = (str(path), os.stat(path).st_mtime_ns, "series")
         if key not in self.loaded:
-            series = afl.Series(self._array("series"), tuple(shape), volumes)
+            series = afl.Series(self._array("series"), tuple(shape), volumes,
+                                self.chunk)
             self.shim.execute(afl.create(series))
             for k in range(volumes):
                 self._upload(series, nifti.read_volume(path, k), k)
                 self._report("ingest", k + 1, volumes)
             self.loaded[key] = series
         return self.loaded[key]
+
+    def _rechunked(self, series: afl.Series, block, volumes_per_chunk: int) -> afl.Series:
+        target = afl.rechunk(series, block, self._array("blocks"), volumes_per_chunk)
+        self.shim.execute(afl.store_rechunked(series, target))
+        return target
 
     def _mask(self, mask: np.ndarray, chunk=None) -> afl.Volume:
         """The mask in SciDB, chunked over x, y, z as the series it is joined to."""
@@ -160,6 +204,10 @@ class SciDBEngine(Engine):
         a volume's denoised cells; all of them at once would not fit the client)."""
         command = (f"cd {shlex.quote(self.suite)} && {shlex.quote(self.python)} -u -m "
                    f"engines.scidb.stream_child {step} {encode_args(args)}")
+        if len(command.encode()) >= MAX_COMMAND:
+            raise EngineUnavailable(f"SciDB: the {step} stream() command is "
+                                    f"{len(command) // 1024} KiB, over Linux's 128 KiB for "
+                                    f"one argument (too many CCDs or patches for one step)")
         target = self._array(step)
         self.shim.execute(afl.stream(source, command, target))
         query, fmt = afl.answer_positions(target)
@@ -200,6 +248,8 @@ class SciDBEngine(Engine):
     @native("noise_sigma")
     def noise_sigma(self, step, state, ctx, plan):
         dwi = self._series(state["dwi"], state["shape"], state["n_volumes"])
+        if self.chunk is not None:  # the estimate is a whole volume's
+            dwi = self._rechunked(dwi, dwi.shape, 1)
         lines = self._stream(afl.with_coordinates(dwi.name, four_d=True), "noise_sigma",
                              {"shape": list(state["shape"]), "params": self._params(ctx)})
         sigma = {int(k): float(s) for k, s in lines}
@@ -208,6 +258,8 @@ class SciDBEngine(Engine):
     @native("denoise")
     def denoise(self, step, state, ctx, plan):
         dwi = self._series(state["dwi"], state["shape"], state["n_volumes"])
+        if self.chunk is not None:  # the kernel denoises a whole volume per chunk
+            dwi = self._rechunked(dwi, dwi.shape, 1)
         mask = self._mask(state["mask"])
         answers = self._answers(afl.with_mask(dwi, mask), "denoise",
                                 {"shape": list(state["shape"]), "params": self._params(ctx),
@@ -235,11 +287,8 @@ class SciDBEngine(Engine):
     @native("fit_tensor")
     def fit_tensor(self, step, state, ctx, plan):
         denoised = self._series(state["denoised"], state["shape"], state["n_volumes"])
-        block = tuple(ctx.partitioning.block)
-        blocks = self._array("blocks")
-        self.shim.execute(afl.rechunk(denoised, block, blocks))
-        rechunked = afl.Series(blocks, denoised.shape, denoised.volumes, block,
-                               volumes_per_chunk=denoised.volumes)
+        block = self.fit_block or tuple(ctx.partitioning.block)
+        rechunked = self._rechunked(denoised, block, denoised.volumes)
         mask = self._mask(state["mask"], chunk=block)
         lines = self._stream(afl.with_mask(rechunked, mask), "fit_tensor",
                              {"params": self._params(ctx),
@@ -253,3 +302,216 @@ class SciDBEngine(Engine):
             fa[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = cells[:, 3]
             md[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = cells[:, 4]
         return {"fa": fa, "md": md}
+
+    # -- astronomy ----------------------------------------------------------------------
+    def tolerance(self, step, quantity):
+        return SUMS if quantity == "coadds" else super().tolerance(step, quantity)
+
+    def _stack(self, what: str, attrs, members: int, shape, key: str = "ccd") -> afl.Cells:
+        """An empty stack of planes, one member (`key`) per chunk."""
+        rows, cols = shape
+        cells = afl.Cells(self._array(what), attrs,
+                          ((key, members, 1), ("y", rows, rows), ("x", cols, cols)))
+        self.shim.execute(afl.create(cells))
+        return cells
+
+    def _upload_plane(self, target: afl.Cells, planes: list[np.ndarray], member: dict):
+        """One member's planes, interleaved per pixel in the attributes' types."""
+        fmt = binary.Format.parse("(" + ", ".join(t for _, t in target.attributes) + ")",
+                                  target.names)
+        data = binary.encode({n: p.ravel() for n, p in zip(target.names, planes)}, fmt)
+        path = self.shim.upload(data)
+        self.shim.execute(afl.load_plane(target, path, planes[0].shape, member), retry=False)
+
+    def _upload_cells(self, target: afl.Cells, columns: dict[str, np.ndarray]) -> None:
+        """Cells (coordinates, then attributes) into a sparse array; none: nothing sent."""
+        names = [d for d, _, _ in target.dims] + list(target.names)
+        fmt = binary.Format.parse("(" + ", ".join(
+            ["int64"] * len(target.dims) + [t for _, t in target.attributes]) + ")", names)
+        count = len(columns[names[0]])
+        if count:
+            path = self.shim.upload(binary.encode(columns, fmt))
+            self.shim.execute(afl.load_cells(target, path, count), retry=False)
+
+    def _ccds(self, what: str, paths: list[str]) -> tuple[afl.Cells, list[dict]]:
+        """CCD files (raw or calibrated) in SciDB, one CCD per chunk, in binary; and what
+        the stream child needs of each besides its pixels (`ccd_facts`)."""
+        facts = [ccd_facts(path) for path in paths]
+        stack = self._stack(what, CCD_ATTRIBUTES, len(paths),
+                            np.max([f["shape"] for f in facts], axis=0).tolist())
+        for c, path in enumerate(paths):
+            with fitsio.open_fits(path) as hdul:
+                planes = [fitsio.read_plane(hdul, p, path=path) for p in fitsio.PLANES]
+            self._upload_plane(stack, planes, {"ccd": c})
+            self._report(f"ingest {what}", c + 1, len(paths))
+        return stack, facts
+
+    def _astro_args(self, ctx, state) -> dict:
+        import dataclasses
+
+        return {"params": self._params(ctx), "skymap": dataclasses.asdict(state["skymap"])}
+
+    def _json_answers(self, source: str, step: str, args: dict, key: str,
+                      chunks: list) -> list[dict]:
+        """The child's answers, one JSON line per chunk, each chunk (its `key` numbers
+        `chunks`) answered, or EngineUnavailable naming the first one missing."""
+        import json
+
+        answers = [json.loads(line[0]) for line in self._stream(source, step, args)]
+        missing = sorted(set(range(len(chunks))) - {a[key] for a in answers})
+        if missing:
+            raise EngineUnavailable(f"SciDB at {self.url}: {step} returned no answer for "
+                                    f"{chunks[missing[0]]} ({len(missing)} missing)")
+        return answers
+
+    def _keep_file(self, answer: dict, ctx) -> str | None:
+        """The kernel's output file as the child sent it, written under the run folder."""
+        import base64
+
+        if answer["name"] is None:
+            return None
+        path = Path(ctx.workdir) / answer["name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(answer["file"]))
+        return str(path)
+
+    @native("calibrate")
+    def calibrate(self, step, state, ctx, plan):
+        import base64
+
+        ccds = plan.partitions
+        stack, facts = self._ccds("raw", [c.path for c in ccds])
+        for fact, ccd in zip(facts, ccds):  # the plan's own keys
+            fact["visit"], fact["ccd"] = ccd.key
+        answers = self._json_answers(
+            afl.coordinates(stack.name, ("ccd", "y", "x"), stack.names), "calibrate",
+            {**self._astro_args(ctx, state), "ccds": facts}, "c",
+            [f"CCD {c.path}" for c in ccds])
+        results = []
+        for answer in answers:
+            ccd = ccds[answer["c"]]
+            info = answer["facts"]
+            if "reason" in info:
+                info["reason"] = info["reason"].replace(answer["input"], ccd.path)
+            if "saturated" in info:
+                info["saturated"] = np.frombuffer(base64.b64decode(info["saturated"]),
+                                                  dtype=astro.SATURATED_DTYPE).copy()
+            results.append((ccd.key, self._keep_file(answer, ctx), info))
+        results.sort(key=lambda r: r[0])
+        return plan.combine(results)
+
+    @native("warp")
+    def warp(self, step, state, ctx, plan):
+        paths = sorted({p for _, _, calexps in plan.partitions for p in calexps})
+        index = {p: c for c, p in enumerate(paths)}
+        ccds, facts = self._ccds("calexps", paths)
+        parts = [{"visit": visit, "patch": list(patch), "ccds": [index[p] for p in calexps]}
+                 for visit, patch, calexps in plan.partitions]
+        # the assignment <part>[ccd; k]: the k-th part CCD c goes to
+        pairs = [(c, j) for j, part in enumerate(parts) for c in part["ccds"]]
+        taken: dict[int, int] = {}
+        ks = []
+        for c, _ in pairs:
+            ks.append(taken.get(c, 0))
+            taken[c] = ks[-1] + 1
+        assignment = afl.Cells(self._array("assignment"), (("part", "int64"),),
+                               (("ccd", len(paths), 1), ("k", max(ks) + 1, max(ks) + 1)))
+        self.shim.execute(afl.create(assignment))
+        self._upload_cells(assignment, {"ccd": np.array([c for c, _ in pairs]),
+                                        "k": np.array(ks), "part": np.array([j for _, j
+                                                                             in pairs])})
+        rows, cols = (d[1] for d in ccds.dims[1:])
+        grouped = afl.Cells(self._array("by_part"), CCD_ATTRIBUTES,
+                            (("part", len(parts), 1), ("ccd", len(paths), len(paths)),
+                             ("y", rows, rows), ("x", cols, cols)))
+        self.shim.execute(afl.shuffle(ccds, assignment, grouped))
+        answers = self._json_answers(
+            afl.coordinates(grouped.name, ("part", "ccd", "y", "x"), grouped.names), "warp",
+            {**self._astro_args(ctx, state), "parts": parts, "ccds": facts}, "part",
+            [f"visit {v} patch {p}" for v, p, _ in plan.partitions])
+        return plan.combine([(parts[a["part"]]["visit"], tuple(parts[a["part"]]["patch"]),
+                              self._keep_file(a, ctx)) for a in answers])
+
+    @native("coadd")
+    def coadd(self, step, state, ctx, plan):
+        """The clipping about the median over visits and the visits' weights (clipped
+        means) in stream() with the kernel's own functions: AFL has no median; the
+        weighted sums, the mean, its variance and the count in AFL. (The aggregate runs
+        before a missing answer is reported: the snapshots pin every query.)"""
+        import json
+
+        skymap = state["skymap"]
+        height, width = skymap.patch_shape
+        visits = max(len(warps) for _, warps in plan.partitions)
+        shape = (("patch", len(plan.partitions), 1), ("n", visits, visits),
+                 ("y", height, height), ("x", width, width))
+        warps = afl.Cells(self._array("warps"), PAIR, shape)
+        dropped = afl.Cells(self._array("dropped"), (("r", "int64"),), shape)
+        weights = afl.Cells(self._array("weights"), (("w", "double"),), shape[:2])
+        for array in (warps, dropped, weights):
+            self.shim.execute(afl.create(array))
+        for p, (_, patch_warps) in enumerate(plan.partitions):
+            for n, (_, path) in enumerate(patch_warps):  # only the cells with data
+                with fitsio.open_fits(path) as hdul:
+                    image, variance = (fitsio.read_plane(hdul, name, path=path)
+                                       for name in ("IMAGE", "VARIANCE"))
+                y, x = np.nonzero(np.isfinite(image) | np.isfinite(variance))
+                self._upload_cells(warps, {"patch": np.full(len(y), p), "n": np.full(
+                    len(y), n), "y": y, "x": x, "image": image[y, x],
+                    "variance": variance[y, x]})
+        answers = self._stream(
+            afl.coordinates(warps.name, ("patch", "n", "y", "x"), warps.names),
+            "coadd_clip", {**self._astro_args(ctx, state),
+                           "visits": [len(w) for _, w in plan.partitions]})
+        found = {a["p"]: a for a in (json.loads(line[0]) for line in answers)}
+        cells = np.array([(p, *c) for p, a in found.items() for c in a["dropped"]],
+                         dtype=np.int64).reshape(-1, 4)
+        self._upload_cells(dropped, {"patch": cells[:, 0], "n": cells[:, 1],
+                                     "y": cells[:, 2], "x": cells[:, 3],
+                                     "r": np.ones(len(cells), dtype=np.int64)})
+        pn = [(p, n, w) for p, a in found.items() for n, w in enumerate(a["weights"])]
+        self._upload_cells(weights, {"patch": np.array([p for p, _, _ in pn]),
+                                     "n": np.array([n for _, n, _ in pn]),
+                                     "w": np.array([w for _, _, w in pn])})
+        query, fmt = afl.coadd_sums(warps, weights, dropped)
+        self.shim.execute(query, save=fmt)
+        sums = binary.decode(self.shim.read_bytes(), binary.Format.parse(
+            fmt, ["p", "y", "x", "mean", "var", "kept"]))
+        missing = [patch for p, (patch, _) in enumerate(plan.partitions) if p not in found]
+        if missing:
+            raise EngineUnavailable(f"SciDB at {self.url}: coadd's clipping returned no "
+                                    f"answer for patch {missing[0]} ({len(missing)} missing)")
+        results = []
+        for p, (patch, patch_warps) in enumerate(plan.partitions):
+            mine = sums["p"] == p
+            y, x = sums["y"][mine], sums["x"][mine]
+            coadd = np.full((height, width), np.nan, dtype=np.float32)
+            coadd_var = np.full((height, width), np.nan, dtype=np.float32)
+            count = np.zeros((height, width), dtype=np.int16)
+            coadd[y, x], coadd_var[y, x] = sums["mean"][mine], sums["var"][mine]
+            count[y, x] = sums["kept"][mine]
+            results.append((patch, astro.write_coadd(
+                patch, [v for v, _ in patch_warps], found[p]["weights"], coadd, coadd_var,
+                count, skymap, str(ctx.workdir), ctx.params)))
+        return plan.combine(results)
+
+    @native("detect")
+    def detect(self, step, state, ctx, plan):
+        import base64
+
+        skymap = state["skymap"]
+        coadds = self._stack("coadds", PAIR, len(plan.partitions), skymap.patch_shape,
+                             key="patch")
+        for p, (_, path) in enumerate(plan.partitions):
+            with fitsio.open_fits(path) as hdul:
+                self._upload_plane(coadds, [fitsio.read_plane(hdul, name, path=path)
+                                            for name in ("IMAGE", "VARIANCE")], {"patch": p})
+        answers = self._json_answers(
+            afl.coordinates(coadds.name, ("patch", "y", "x"), coadds.names), "detect",
+            {**self._astro_args(ctx, state),
+             "patches": [list(patch) for patch, _ in plan.partitions],
+             "saturated": base64.b64encode(state["saturated"].tobytes()).decode()},
+            "p", [f"patch {patch}" for patch, _ in plan.partitions])
+        return plan.combine([(tuple(plan.partitions[a["p"]][0]), np.frombuffer(
+            base64.b64decode(a["rows"]), dtype=astro.CATALOG_DTYPE).copy())
+            for a in answers])

@@ -8,24 +8,31 @@ for now); after the last chunk it sends "0\\n" and reads one final answer. Only
 attributes travel, so the compiled query `apply()`s the coordinates the kernel needs.
 Values are printed with max_digits10 digits: text carries a float exactly.
 
-Run as `python -u -m engines.scidb.stream_child STEP ARGS` (ARGS: base64url JSON, so the
-command survives AFL's quoting); every step answers lines of tab-separated numbers.
+Run as `python -u -m engines.scidb.stream_child STEP ARGS` (ARGS: zlib-compressed JSON in
+base64url, so the command survives AFL's quoting and stays short: bash -c takes the whole
+command as one argument, at most 128 KiB on Linux). The neuroscience steps answer lines of
+tab-separated numbers; the astronomy steps run the kernels as they are, on FITS files the
+child writes from its chunk's cells in a temporary folder, and answer one JSON line: the
+kernel's output file (base64) and its small facts, so the client keeps the kernel's bytes.
 """
 from __future__ import annotations
 
 import base64
 import json
 import sys
+import tempfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 
 
 def encode_args(args: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps(args).encode()).decode()
+    return base64.urlsafe_b64encode(zlib.compress(json.dumps(args).encode(), 9)).decode()
 
 
 def decode_args(text: str) -> dict:
-    return json.loads(base64.urlsafe_b64decode(text.encode()))
+    return json.loads(zlib.decompress(base64.urlsafe_b64decode(text.encode())))
 
 
 def _table(lines: list[str], columns: int) -> np.ndarray:
@@ -119,17 +126,149 @@ def _volume(cells, shape) -> np.ndarray:
     return volume
 
 
+# -- astronomy: the kernels on FITS files made from the chunk's cells ---------------------
+
+def _astro(args):
+    from pipelines import astro
+
+    return astro.AstroParams(**args["params"]), astro.SkyMap(**args["skymap"])
+
+
+def _planes(cells, shape, types) -> dict:
+    """Cells (y, x, value per plane) as planes of `shape`, NaN (0 for integers) where a
+    cell is absent; `types`: plane name -> numpy type, in the cells' column order."""
+    yx = cells[:, :2].astype(np.int64)
+    out = {}
+    for column, (name, dtype) in enumerate(types.items(), 2):
+        plane = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype=dtype)
+        plane[yx[:, 0], yx[:, 1]] = cells[:, column]
+        out[name] = plane
+    return out
+
+
+def _write_fits(path, headers: dict, planes: dict) -> str:
+    """A FITS file of `planes` with the headers the client sent (text, one card a line)."""
+    from astropy.io import fits
+
+    from pipelines import fitsio
+
+    def header(name):
+        return fits.Header.fromstring(headers[name], sep="\n") if name in headers else None
+
+    fitsio.write_planes(Path(path), header("PRIMARY"),
+                        {name: (plane, header(name)) for name, plane in planes.items()})
+    return str(path)
+
+
+CCD_PLANES = {"IMAGE": np.float32, "MASK": np.int32, "VARIANCE": np.float32}
+
+
+def _ccd_file(folder, cells, ccd, c: int) -> str:
+    """CCD `c`'s file (raw or calibrated) from cells (y, x, image, mask, variance)."""
+    return _write_fits(Path(folder) / f"in_{c}.fits", ccd["headers"],
+                       _planes(cells, ccd["shape"], CCD_PLANES))
+
+
+def _output(path, folder) -> dict:
+    """The kernel's output file as the answer carries it: its name under the run folder
+    and its bytes (base64), or nothing when the kernel made none."""
+    if path is None:
+        return {"name": None, "file": None}
+    return {"name": str(Path(path).relative_to(folder)),
+            "file": base64.b64encode(Path(path).read_bytes()).decode()}
+
+
+def calibrate(lines, args):
+    """One chunk per CCD: cells (c, y, x, image, mask, variance) -> the calexp file, its
+    facts and saturated stars (SATURATED_DTYPE bytes), as the kernel made them."""
+    from pipelines import astro
+
+    cells = _table(lines, 6)
+    c = int(cells[0, 0])
+    ccd = args["ccds"][c]
+    params, _ = _astro(args)
+    with tempfile.TemporaryDirectory() as folder:
+        path = _ccd_file(folder, cells[:, 1:], ccd, c)
+        source = astro.CcdInput(path, ccd["visit"], ccd["ccd"], tuple(ccd["shape"]),
+                                np.zeros((4, 2)))
+        _, out, facts = astro.calibrate_kernel(source, folder, params)
+        if "saturated" in facts:
+            facts["saturated"] = base64.b64encode(facts["saturated"].tobytes()).decode()
+        return [json.dumps({"c": c, "input": path, "facts": facts, **_output(out, folder)})]
+
+
+def warp(lines, args):
+    """One chunk per (visit, patch): cells (part, c, y, x, image, mask, variance) of each
+    calexp it takes -> the warp file the kernel made, if any."""
+    from pipelines import astro
+
+    cells = _table(lines, 7)
+    j = int(cells[0, 0])
+    part = args["parts"][j]
+    params, skymap = _astro(args)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = tuple(_ccd_file(folder, cells[cells[:, 1] == c][:, 2:], args["ccds"][c], c)
+                      for c in part["ccds"])  # in the plan's order: the first one wins
+        _, _, out = astro.warp_kernel((part["visit"], tuple(part["patch"]), paths), skymap,
+                                      folder, params)
+        return [json.dumps({"part": j, **_output(out, folder)})]
+
+
+def coadd_clip(lines, args):
+    """One chunk per patch: cells (p, n, y, x, image, variance) of its warps (a visit
+    each n) -> each visit's weight and the cells present that the coadd does not keep
+    (the clipping about the median, which AFL cannot express; AFL does the sums)."""
+    from pipelines import astro
+
+    cells = _table(lines, 6)
+    p = int(cells[0, 0])
+    params, skymap = _astro(args)
+    shape = (args["visits"][p], *skymap.patch_shape)
+    nyx = cells[:, 1:4].astype(np.int64)
+    image = np.full(shape, np.nan)
+    variance = np.full(shape, np.nan)
+    image[nyx[:, 0], nyx[:, 1], nyx[:, 2]] = cells[:, 4]
+    variance[nyx[:, 0], nyx[:, 1], nyx[:, 2]] = cells[:, 5]
+    # the kernel weighs the float32 plane as read from its file
+    weights = [astro.visit_weight(v.astype(np.float32), params) for v in variance]
+    present = np.zeros(shape, dtype=bool)
+    present[nyx[:, 0], nyx[:, 1], nyx[:, 2]] = True
+    dropped = np.argwhere(present & ~astro.kept_values(image, variance, params))
+    return [json.dumps({"p": p, "weights": [float(w) for w in weights],
+                        "dropped": dropped.tolist()})]
+
+
+def detect(lines, args):
+    """One chunk per patch: cells (p, y, x, image, variance) of its coadd -> the
+    kernel's catalog rows (CATALOG_DTYPE bytes)."""
+    from pipelines import astro
+
+    cells = _table(lines, 5)
+    p = int(cells[0, 0])
+    params, skymap = _astro(args)
+    saturated = np.frombuffer(base64.b64decode(args["saturated"]),
+                              dtype=astro.SATURATED_DTYPE)
+    with tempfile.TemporaryDirectory() as folder:
+        path = _write_fits(Path(folder) / "coadd.fits", {}, _planes(
+            cells[:, 1:], skymap.patch_shape, {"IMAGE": np.float32, "VARIANCE": np.float32}))
+        _, rows = astro.detect_kernel((tuple(args["patches"][p]), path), skymap, params,
+                                      saturated)
+        return [json.dumps({"p": p, "rows": base64.b64encode(rows.tobytes()).decode()})]
+
+
 def probe(lines, args):
     """The engine's start-up check: this Python and the suite import on the server."""
     import platform
 
-    import pipelines.neuro  # noqa: F401  the kernels' module, and what it needs
+    import pipelines.astro  # noqa: F401  the kernels' modules, and what they need
+    import pipelines.neuro  # noqa: F401
 
     return [f"ok\t{platform.python_version()}"]
 
 
 STEPS = {"brain_mask": brain_mask, "noise_sigma": noise_sigma, "denoise": denoise,
-         "fit_tensor": fit_tensor, "probe": probe}
+         "fit_tensor": fit_tensor, "calibrate": calibrate, "warp": warp,
+         "coadd_clip": coadd_clip, "detect": detect, "probe": probe}
 
 
 def serve(step, args, stdin, stdout) -> None:

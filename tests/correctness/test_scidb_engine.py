@@ -2,6 +2,8 @@
 stream() runs, fed the messages SciDB sends, answers what the reference computes; the
 AFL it sends for each step is pinned by a reviewed snapshot; without --scidb-url it is
 skipped with the reason. (With a server, every other engine test runs on it unchanged.)"""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from engines.scidb.stream_child import encode_args
 from engines.tolerances import SAME_KERNELS
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
-from pipelines import neuro
+from tests.astro_checks import assert_outputs_match
+from pipelines import astro, neuro
 from pipelines.errors import EngineUnavailable, InputError
 from pipelines.steps import RunContext
 
@@ -160,13 +163,13 @@ class RecordingShim:
         return b""
 
 
-def sent_for(step_name, run, tmp_path) -> list[str]:
+def sent_for(pipeline, step_name, run, tmp_path, **options) -> list[str]:
     engine = SciDBEngine(url="http://scidb.example:8080", python="/usr/bin/python3",
-                         suite="/srv/image-analytics-bench")
+                         suite="/srv/image-analytics-bench", **options)
     engine.shim, engine.token = RecordingShim(), "snap"
-    step = neuro.STEP_BY_NAME[step_name]
+    step = pipeline.STEP_BY_NAME[step_name]
     state = run.state_before(step_name)
-    ctx = RunContext(tmp_path, neuro.NeuroParams(), neuro.NeuroPartitioning())
+    ctx = RunContext(tmp_path, pipeline.Params(), pipeline.Partitioning())
     try:
         engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
     except (InputError, KeyError, EngineUnavailable):  # no data came back: an empty
@@ -178,16 +181,46 @@ def sent_for(step_name, run, tmp_path) -> list[str]:
             for line in engine.shim.sent]
 
 
-@pytest.mark.parametrize("step", [s.name for s in neuro.STEPS])
-def test_compiled_afl_is_the_reviewed_snapshot(step, run, tmp_path):
+@pytest.mark.parametrize("pipeline, step", [(neuro, s.name) for s in neuro.STEPS]
+                         + [(astro, s.name) for s in astro.STEPS])
+def test_compiled_afl_is_the_reviewed_snapshot(pipeline, step, request, tmp_path):
     """IAB_UPDATE_SNAPSHOTS=1 rewrites them; a change is then reviewed in the diff."""
-    got = "\n".join(sent_for(step, run, tmp_path)) + "\n"
+    run = request.getfixturevalue("run" if pipeline is neuro else "survey")
+    got = "\n".join(sent_for(pipeline, step, run, tmp_path)) + "\n"
     path = SNAPSHOTS / f"{step}.afl"
     if os.environ.get("IAB_UPDATE_SNAPSHOTS"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(got)
     assert path.exists(), f"no snapshot {path}: IAB_UPDATE_SNAPSHOTS=1 makes it"
     assert got == path.read_text()
+
+
+def test_chunk_sizes_are_options_recorded_and_followed(run, tmp_path):
+    """At the defaults the snapshots hold (a volume per chunk, the partitioning's fit
+    block); given, the series is stored in those blocks, the whole-volume steps read it
+    rechunked to volumes, and the fit streams its own blocks."""
+    options = {"chunk": (8, 8, 8), "fit_block": "12,14,12"}
+    sent = "\n".join(sent_for(neuro, "noise_sigma", run, tmp_path, **options))
+    assert "<v:float not null>[vol=0:11:0:1; x=0:23:0:8; y=0:27:0:8; z=0:23:0:8]" in sent
+    assert "store(repart(iab_snap_series_0, <v:float not null>[vol=0:11:0:1; x=0:23:0:24; " \
+           "y=0:27:0:28; z=0:23:0:24]), iab_snap_blocks_1)" in sent
+    sent = "\n".join(sent_for(neuro, "fit_tensor", run, tmp_path, **options))
+    assert "[vol=0:11:0:12; x=0:23:0:12; y=0:27:0:14; z=0:23:0:12]" in sent
+    facts = SciDBEngine(**options).describe()
+    assert facts["chunk"] == [8, 8, 8] and facts["fit_block"] == [12, 14, 12]
+    assert SciDBEngine().describe()["chunk"] == "a volume"
+
+
+@pytest.mark.parametrize("text", ["0,1", "8,8", "a,b,c", "8,8,-1", ""])
+def test_a_bad_voxel_block_is_refused_in_one_line(text):
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "neuro", "--dataset",
+                           "phantom-tiny", "--engine", "scidb", "--scidb-fit-block", text,
+                           "--out", "unused"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"argument --scidb-fit-block: {text!r} is not a voxel block: X,Y,Z positive "
+        f"integers (or one, for a cube), e.g. 16,16,16")
 
 
 def test_close_removes_every_array_it_can():
@@ -226,5 +259,162 @@ def test_afl_literals_and_schemas():
 def test_without_a_server_the_engine_says_how_to_give_one():
     with pytest.raises(EngineUnavailable, match=r"no SciDB server given: --scidb-url "):
         SciDBEngine().start()
-    assert SciDBEngine.capability("mean_b0") == "native"
-    assert SciDBEngine.capability("detect").startswith("not implemented: not compiled for")
+    assert all(SciDBEngine.capability(s.name) == "native"
+               for s in neuro.STEPS + astro.STEPS)
+
+
+# -- astronomy: the child's steps, run through the engine's own step code ----------------
+
+@pytest.fixture(scope="module")
+def survey():
+    return reference_run(load_dataset("survey-tiny").inputs[0])
+
+
+def tsv(*columns) -> list[str]:
+    """Cells as SciDB's TSV writer prints them: integers, and float32 values with
+    max_digits10 (9 digits): exact."""
+    fmts = ["{:.9g}" if np.asarray(c).dtype.kind == "f" else "{}" for c in columns]
+    return ["\t".join(f.format(v) for f, v in zip(fmts, row)) for row in zip(*columns)]
+
+
+def plane_cells(path, names, *lead) -> list[str]:
+    """Every pixel of a file's planes `names`, after the chunk's leading coordinates."""
+    from pipelines import fitsio
+
+    with fitsio.open_fits(path) as hdul:
+        planes = [fitsio.read_plane(hdul, n, path=path) for n in names]
+    y, x = np.indices(planes[0].shape).reshape(2, -1)
+    return tsv(*[np.full(y.size, k) for k in lead], y, x, *[p.ravel() for p in planes])
+
+
+def run_with_child(engine, step_name, state, ctx, chunks):
+    """The engine's own step, with SciDB's part played by `chunks(args)` (the messages
+    its stream() would send: one chunk per CCD, part or patch) and the real child."""
+    def stream(source, step, args):
+        return exchange(step, args, chunks(args))
+
+    engine._stream = stream
+    step = astro.STEP_BY_NAME[step_name]
+    return engine.run_step(step, state, ctx).outputs
+
+
+def astro_engine():
+    engine = SciDBEngine(url="http://scidb.example:8080")
+    engine.shim, engine.token = RecordingShim(), "test"
+    return engine
+
+
+def test_child_calibrate_is_the_reference(survey, tmp_path):
+    state = survey.state_before("calibrate")
+    ccds = list(state["ccds"])
+    outputs = run_with_child(
+        astro_engine(), "calibrate", state, RunContext(tmp_path, astro.AstroParams(),
+                                                      astro.AstroPartitioning()),
+        lambda args: [plane_cells(c.path, ("IMAGE", "MASK", "VARIANCE"), k)
+                      for k, c in enumerate(ccds)])
+    assert_outputs_match(outputs, survey.state, list(astro.CALIBRATE.outputs))
+    assert len(outputs["saturated"]) and outputs["calexps"]  # something was compared
+
+
+def test_child_warp_is_the_reference(survey, tmp_path):
+    state = survey.state_before("warp")
+
+    def chunks(args):
+        paths = sorted(state["calexps"].values())
+        return [[line for c in part["ccds"] for line in plane_cells(
+            paths[c], ("IMAGE", "MASK", "VARIANCE"), j, c)]
+            for j, part in enumerate(args["parts"])]
+
+    outputs = run_with_child(astro_engine(), "warp", state, RunContext(
+        tmp_path, astro.AstroParams(), astro.AstroPartitioning()), chunks)
+    assert_outputs_match(outputs, survey.state, ["warps"])
+
+
+def test_child_detect_is_the_reference(survey, tmp_path):
+    state = survey.state_before("detect")
+    patches = sorted(state["coadds"].items())
+    outputs = run_with_child(astro_engine(), "detect", state, RunContext(
+        tmp_path, astro.AstroParams(), astro.AstroPartitioning()),
+        lambda args: [plane_cells(path, ("IMAGE", "VARIANCE"), p)
+                      for p, (_, path) in enumerate(patches)])
+    assert_outputs_match(outputs, survey.state, ["catalog"])
+    assert len(outputs["catalog"]) > 0
+
+
+def assert_coadd_as_scidb_forms_it(partitions, skymap, want_paths) -> int:
+    """The child's weights and dropped cells (`coadd_clip`, fed the warps' cells with
+    data), then the sums `afl.coadd_sums` asks SciDB for, formed here in another order
+    (visits reversed), as SciDB's aggregate may: the counts must be the reference's, the
+    planes within the engine's declared bound. Returns how many cells were dropped."""
+    from pipelines import fitsio
+
+    chunks, planes = [], []
+    for p, (_, warps) in enumerate(partitions):
+        lines, stack = [], []
+        for n, (_, path) in enumerate(warps):
+            with fitsio.open_fits(path) as hdul:
+                image, variance = (fitsio.read_plane(hdul, k, path=path)
+                                   for k in ("IMAGE", "VARIANCE"))
+            y, x = np.nonzero(np.isfinite(image) | np.isfinite(variance))
+            lines += tsv(np.full(len(y), p), np.full(len(y), n), y, x, image[y, x],
+                         variance[y, x])
+            stack.append((image.astype(np.float64), variance.astype(np.float64)))
+        chunks.append(lines)
+        planes.append(stack)
+    args = {"params": dataclasses.asdict(astro.AstroParams()),
+            "skymap": dataclasses.asdict(skymap), "visits": [len(w) for _, w in partitions]}
+    answers = {a["p"]: a for a in (json.loads(line[0]) for line in
+                                   exchange("coadd_clip", args, chunks))}
+    tol = SciDBEngine().tolerance("coadd", "coadds")
+    for p, (patch, warps) in enumerate(partitions):
+        image = np.stack([i for i, _ in planes[p]])[::-1]
+        variance = np.stack([v for _, v in planes[p]])[::-1]
+        kept = np.isfinite(image) | np.isfinite(variance)
+        for n, y, x in answers[p]["dropped"]:
+            kept[len(warps) - 1 - n, y, x] = False
+        w = np.where(kept, np.array(answers[p]["weights"])[::-1, None, None], 0.0)
+        total = w.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (np.where(kept, image, 0.0) * w).sum(axis=0) / total
+            var = (np.where(kept, variance, 0.0) * w * w).sum(axis=0) / (total * total)
+        count = kept.sum(axis=0)
+        with fitsio.open_fits(want_paths[patch]) as hdul:
+            assert np.array_equal(count, hdul["EXPCOUNT"].data), patch
+            for got, name in ((mean, "IMAGE"), (var, "VARIANCE")):
+                want = hdul[name].data.astype(np.float64)
+                got = np.where(count > 0, got.astype(np.float32), np.nan)
+                assert np.array_equal(np.isnan(got), np.isnan(want)), (patch, name)
+                good = ~np.isnan(want)
+                bound = tol.bound(np.abs(want[good]), np.abs(want[good]).max())
+                assert (np.abs(got[good] - want[good]) <= bound).all(), (patch, name)
+    return sum(len(a["dropped"]) for a in answers.values())
+
+
+def test_coadd_clip_in_the_child_and_sums_as_afl_forms_them_are_the_reference(survey):
+    """survey-tiny's 3 visits: no value can lie 3 sigma from the others (at most
+    sqrt(2) sigma), so only the cells without data are left out."""
+    state = survey.state_before("coadd")
+    plan = astro.COADD.plan(state, RunContext(Path("."), astro.AstroParams(),
+                                              astro.AstroPartitioning()))
+    assert assert_coadd_as_scidb_forms_it(plan.partitions, state["skymap"],
+                                          survey.state["coadds"]) == 0
+
+
+def test_coadd_clipping_of_many_visits_as_scidb_forms_it(tmp_path):
+    """Twelve visits with outliers and gaps, so that the clipping drops cells: against
+    the reference's own coadd kernel."""
+    from pipelines import fitsio
+
+    skymap = astro.SkyMap(154.1, -4.9, 0.333, 8, 2, 1, 1)
+    rng = np.random.default_rng(13)
+    warps = []
+    for n in range(12):
+        image = rng.normal(10.0, 1.0, (12, 12)).astype(np.float32)
+        variance = rng.uniform(0.8, 1.2, (12, 12)).astype(np.float32)
+        image[rng.random((12, 12)) < 0.1] += 40.0
+        image[n % 12, :4] = variance[n % 12, :4] = np.nan
+        warps.append((100 + n, str(fitsio.write_planes(tmp_path / f"w{n}.fits", None, {
+            "IMAGE": (image, None), "VARIANCE": (variance, None)}))))
+    part = ((0, 0), tuple(warps))
+    patch, path = astro.coadd_kernel(part, skymap, str(tmp_path), astro.AstroParams(), 5)
+    assert assert_coadd_as_scidb_forms_it([part], skymap, {patch: path}) > 0
