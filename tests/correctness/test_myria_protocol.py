@@ -173,11 +173,13 @@ class Replay(http.server.BaseHTTPRequestHandler):
 
     script: dict = {}
     log: list = []
+    auth: list = []
 
     def _reply(self):
         url = urllib.parse.urlsplit(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
         self.log.append((self.command, url.path, body))
+        self.auth.append(self.headers.get("Authorization"))
         status, text, headers = self.script[(self.command, url.path)].pop(0)
         if status == "drop":
             self.close_connection = True
@@ -202,7 +204,7 @@ class Replay(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def myria_server():
-    Replay.script, Replay.log = {}, []
+    Replay.script, Replay.log, Replay.auth = {}, [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replay)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -361,3 +363,11 @@ def test_first_useful_line():
     assert first_useful_line("") == ""
     assert first_useful_line("\n  Query 8 was not found\n") == "Query 8 was not found"
     assert first_useful_line(TRACEBACK).startswith("RuntimeError: denoise")
+
+
+def test_credentials_go_only_where_given(myria_server):
+    url, replay = myria_server
+    replay.script = {("GET", "/workers/alive"): [(200, [1, 2], {}), (200, [1, 2], {})]}
+    assert fast(url).alive_workers() == [1, 2]
+    assert Myria(url, user="iab", password="secret").alive_workers() == [1, 2]
+    assert replay.auth == [None, "Basic " + base64.b64encode(b"iab:secret").decode()]
