@@ -92,6 +92,19 @@ ENGINES = {
                "streams, every volume of it (default: 16,16,16, the partitioning's)",
                metavar="X,Y,Z", type=voxel_block),
     )),
+    "myria": Entry("engines.myria", "MyriaEngine", None, (
+        Option("--myria-url", "url", "run the Myria engine on this cluster's REST server "
+               "(http://host:8753); without it the engine is skipped", metavar="URL"),
+        Option("--myria-stage", "stage", "a folder this machine writes and every Myria "
+               "worker reads at the same path (the arrays go in from there; default: a "
+               "folder in this machine's temp dir, for a Myria on this machine only)",
+               metavar="DIR"),
+        Option("--myria-python", "python", "the Python 3 on the Myria workers that runs "
+               "the suite's kernels for the UDFs (default /usr/bin/python3)",
+               metavar="PATH"),
+        Option("--myria-suite", "suite", "this repository's path on the Myria workers "
+               "(default: the same path as here)", metavar="PATH"),
+    )),
     "tensorflow": Entry("engines.tf", "TensorFlowEngine", "tensorflow", (
         Option("--tf-precision", "precision", "floating point of TensorFlow's heavy steps "
                "(default float64, which matches the reference to its own bounds; float32 "

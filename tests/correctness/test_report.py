@@ -64,7 +64,7 @@ def test_tables_per_machine_pipeline_and_dataset(saved):
     # machine b ran two engines: the others are named as missing, with the reason known
     neuro_b = next(t for t in made.tables if (t.machine, t.pipeline) == (b, "neuro"))
     assert neuro_b.engines == ["reference", "dask"]
-    assert set(neuro_b.missing) == {"spark", "tensorflow", "scidb"}  # scidb: no server
+    assert set(neuro_b.missing) == {"spark", "tensorflow", "scidb", "myria"}  # no servers
     # two runs of the same benchmarks on machine a: a trend of two points
     assert len(made.trends[neuro_a.key][("denoise", "dask")]) == 2
 

@@ -1,0 +1,294 @@
+"""The Myria engine: the neuroscience steps run in a Myria cluster the user runs, through
+its REST server (`--myria-url`). Nothing here starts a server, and CI has never run this
+engine against one: its pieces are tested on their own (the BLOB bytes, the REST client
+against the server's documented replies, the UDF under Python 2's cPickle and the child
+against the reference's kernels, each step's MyriaL and JSON plan against reviewed
+snapshots).
+
+Each step: the arrays it needs go into Myria as BLOB tuples (images keyed (subjId, imgId)
+as the study keyed them), through the stage folder (`--myria-stage`, which the workers
+read at the same path: DOWNLOADBLOB is the one way a BLOB gets in); the step's plan runs
+(engines/myria/myrial.py); its BLOBs come back as JSON. The suite's kernels run as Python
+UDFs/UDAs (engines/myria/udf.py). Relations this engine makes are named
+`iab_<session>_<what>_<n>` and deleted when it closes; so are its stage files. The
+functions it registers stay (Myria cannot remove one), named per step and child command,
+and are replaced by the next registration of the same name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import nifti
+from pipelines.errors import EngineUnavailable
+
+from ..base import Engine, native
+from . import blob, myrial, udf
+from .rest import Myria, MyriaError
+
+SUITE = Path(__file__).resolve().parents[2]
+SUBJECT = 0  # one subject per run: the study's subjId key, kept for its joins
+ASTRO = ("not compiled for Myria yet: the astronomy steps are the next part of this "
+         "engine")
+# step -> (output type, multivalued) of its UDF (all BLOBs: arrays in and out)
+FUNCTIONS = {"probe": False, "mean_b0": False, "brain_mask": False, "noise_sigma": False,
+             "denoise": False, "split_blocks": True, "fit_tensor": False}
+
+
+def default_stage() -> str:
+    """Without --myria-stage: a folder of this machine, which only a Myria whose workers
+    run on this machine can read."""
+    return str(Path(tempfile.gettempdir()) / "iab-myria-stage")
+
+
+class MyriaEngine(Engine):
+    name = "myria"
+    not_implemented = {"calibrate": ASTRO, "warp": ASTRO, "coadd": ASTRO, "detect": ASTRO}
+
+    def __init__(self, workers: int | None = None, url: str | None = None,
+                 stage: str | None = None, python: str | None = None,
+                 suite: str | None = None):
+        super().__init__(workers)
+        self.url = url or os.environ.get("MYRIA_URL")
+        self.stage = str(Path(stage or default_stage()).resolve())
+        # the child runs on the workers: absolute paths there
+        self.python = python or "/usr/bin/python3"
+        self.suite = suite or str(SUITE)
+        self.rest: Myria | None = None
+        self.token = uuid.uuid4().hex[:8]
+        self.run_base = secrets.randbits(40)  # run keys: unique across sessions
+        self.runs = 0
+        self.relations: list[str] = []
+        self.loaded: dict[tuple, str] = {}  # (file, mtime) -> its series relation
+
+    # -- session ------------------------------------------------------------------------
+    def start(self) -> "MyriaEngine":
+        if not self.url:
+            raise EngineUnavailable("no Myria server given: --myria-url http://host:8753 "
+                                    "(its REST server; Myria cannot be installed here)")
+        self.rest = Myria(self.url, user=os.environ.get("MYRIA_USER"),
+                          password=os.environ.get("MYRIA_PASSWORD"))
+        try:
+            alive = self.rest.alive_workers()
+            if not alive:
+                raise EngineUnavailable(f"Myria at {self.url}: no worker is alive")
+            self.workers = len(alive)
+            Path(self._files()).mkdir(parents=True, exist_ok=True)
+            for step, multivalued in FUNCTIONS.items():
+                self.rest.register(udf.registration(step, myrial.BLOB, multivalued,
+                                                    self.python, self.suite, self.stage))
+            self._probe()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _probe(self) -> None:
+        """The suite's child answers on the workers (--myria-python in --myria-suite)."""
+        table = self._relation("probe_in")
+        self.rest.ingest_csv(table, [("subjId", myrial.LONG)], [(SUBJECT,)])
+        out = self._relation("probe")
+        try:
+            self._query(myrial.probe(table, self._udf("probe"), self._run({}), out))
+        except MyriaError as exc:
+            raise EngineUnavailable(
+                f"Myria at {self.url}: the workers cannot run the suite's child with "
+                f"--myria-python {self.python} in --myria-suite {self.suite} (paths on the "
+                f"workers; Python >= 3.11 with the suite's packages): "
+                f"{str(exc).split(': ', 1)[-1]}") from None
+        answers = [blob.unpickled(_bytes(row["answer"])) for row in self.rest.rows(out)]
+        if not answers or not answers[0].startswith(b"ok"):
+            raise EngineUnavailable(f"Myria at {self.url}: the suite's child answered "
+                                    f"{answers[:1]!r}, not 'ok'")
+
+    def close(self) -> None:
+        if self.rest is not None:
+            for name in reversed(self.relations):
+                try:
+                    self.rest.delete(name)
+                except MyriaError:
+                    pass  # never made (a failed query): nothing to delete
+                except EngineUnavailable:
+                    break  # the server is gone: it keeps the rest
+            self.rest = None
+        self.relations.clear()
+        self.loaded.clear()
+        shutil.rmtree(self._files(), ignore_errors=True)
+        for n in range(self.runs):
+            Path(self._args_file(self.run_base * 1000 + n)).unlink(missing_ok=True)
+        self.runs = 0
+
+    def versions(self) -> dict[str, str]:
+        found = super().versions()
+        if self.rest is not None:
+            found["myria"] = self.rest.version()
+        return found
+
+    # -- helpers ------------------------------------------------------------------------
+    def _files(self) -> str:
+        """This session's BLOB files in the stage folder."""
+        return str(Path(self.stage) / f"iab_{self.token}")
+
+    def _args_file(self, key: int) -> str:
+        return str(Path(self.stage) / f"iab-{key}.json")
+
+    def _relation(self, what: str) -> str:
+        name = f"iab_{self.token}_{what}_{len(self.relations)}"
+        self.relations.append(name)
+        return name
+
+    def _udf(self, step: str) -> str:
+        return udf.function_name(step, self.python, self.suite, self.stage)
+
+    def _run(self, args: dict) -> int:
+        """A run's key, its arguments written where the child reads them."""
+        key = self.run_base * 1000 + self.runs
+        self.runs += 1
+        self._write(self._args_file(key), json.dumps(args).encode())
+        return key
+
+    def _write(self, path: str, data: bytes) -> None:
+        """A file in the stage folder (the workers read it at the same path)."""
+        Path(path).write_bytes(data)
+
+    def _query(self, program: myrial.Program) -> None:
+        self.rest.run(program.plan)
+
+    def _ingest(self, keys: list[str], rows, arrays, what: str, column: str = "img",
+                broadcast: bool = False) -> str:
+        """BLOB tuples (keys..., blob) into a relation: each BLOB a stage file, a manifest
+        of (keys..., uri), and the ingest plan that downloads them."""
+        folder = Path(self._files())
+        manifest_rows = []
+        for row, array in zip(rows, arrays):
+            path = folder / f"{what}_{len(self.relations)}_{'_'.join(map(str, row))}.blob"
+            self._write(str(path), blob.encode(array))
+            manifest_rows.append(tuple(row) + (path.as_uri(),))
+        manifest = self._relation(f"{what}_manifest")
+        self.rest.ingest_csv(manifest, [(k, myrial.LONG) for k in keys]
+                             + [("uri", myrial.STRING)], manifest_rows)
+        out = self._relation(what)
+        self._query(myrial.ingest(manifest, keys, column, out, broadcast))
+        return out
+
+    def _series(self, path: str, volumes: int) -> str:
+        """A 4-D NIfTI as (subjId, imgId, img) tuples, once per file and session."""
+        key = (str(path), os.stat(path).st_mtime_ns)
+        if key not in self.loaded:
+            rows = [(SUBJECT, k) for k in range(volumes)]
+            self.loaded[key] = self._ingest(["subjId", "imgId"], rows,
+                                            (nifti.read_volume(path, k) for k in range(volumes)),
+                                            "series")
+        return self.loaded[key]
+
+    def _mask(self, mask: np.ndarray) -> str:
+        return self._ingest(["subjId"], [(SUBJECT,)], [mask], "mask", "mask", broadcast=True)
+
+    def _parts(self, groups: list[list[int]]) -> str:
+        """The plan's parts as (imgId, part), on every worker: joined in, it selects the
+        step's images and keys its group-by."""
+        name = self._relation("parts")
+        self.rest.ingest_csv(name, [("imgId", myrial.LONG), ("part", myrial.LONG)],
+                             [(k, i) for i, group in enumerate(groups) for k in group],
+                             broadcast=True)
+        return name
+
+    def _by_key(self, out: str, key: str, column: str = "value"):
+        """(key, arrays) of each tuple of `out`, as they stream in."""
+        for row in self.rest.rows(out):
+            yield int(row[key]), blob.decode(_bytes(row[column]))
+
+    def _grouped(self, step: str, why: str, series: str, groups, args: dict,
+                 mask: str | None = None) -> str:
+        out = self._relation(step)
+        self._query(myrial.grouped(step, why, series, self._parts(groups), self._udf(step),
+                                   self._run(args), out, mask))
+        return out
+
+    def _all_parts(self, got: dict, count: int, step: str) -> list:
+        missing = sorted(set(range(count)) - set(got))
+        if missing:
+            raise EngineUnavailable(f"Myria at {self.url}: {step} returned no part "
+                                    f"{missing[0]} ({len(missing)} missing)")
+        return [got[i] for i in range(count)]
+
+    @staticmethod
+    def _params(ctx) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(ctx.params)
+
+    # -- the steps ----------------------------------------------------------------------
+    @native("mean_b0")
+    def mean_b0(self, step, state, ctx, plan):
+        series = self._series(state["dwi"], state["n_volumes"])
+        out = self._grouped("mean_b0", "the b0 volumes summed, a partial sum per part of "
+                            "the plan", series, [g for _, g in plan.partitions], {})
+        sums = {part: arrays[0] for part, arrays in self._by_key(out, "part")}
+        return plan.combine(self._all_parts(sums, len(plan.partitions), step.name))
+
+    @native("brain_mask")
+    def brain_mask(self, step, state, ctx, plan):
+        volume = self._ingest(["subjId"], [(SUBJECT,)], [state["mean_b0"]], "mean_b0")
+        out = self._relation("mask_out")
+        self._query(myrial.brain_mask(volume, self._udf("brain_mask"),
+                                      self._run({"params": self._params(ctx)}), out))
+        masks = [arrays[0] for _, arrays in self._by_key(out, "subjId", "mask")]
+        return plan.combine(self._all_parts(dict(enumerate(masks)), 1, step.name))
+
+    @native("noise_sigma")
+    def noise_sigma(self, step, state, ctx, plan):
+        series = self._series(state["dwi"], state["n_volumes"])
+        out = self._grouped("noise_sigma", "each volume's noise, a part of the plan per "
+                            "group", series, [g for _, g in plan.partitions],
+                            {"params": self._params(ctx)})
+        sigma = {part: arrays[0].tolist() for part, arrays in self._by_key(out, "part")}
+        return plan.combine(self._all_parts(sigma, len(plan.partitions), step.name))
+
+    @native("denoise")
+    def denoise(self, step, state, ctx, plan):
+        series = self._series(state["dwi"], state["n_volumes"])
+        groups = [[k for k, _ in items] for _, _, items in plan.partitions]
+        out = self._grouped("denoise", "non-local means per volume, the mask joined in "
+                            "(broadcast), a part of the plan per group", series, groups,
+                            {"params": self._params(ctx),
+                             "sigma": [float(s) for s in state["sigma"]]},
+                            mask=self._mask(state["mask"]))
+        target = plan.partitions[0][1]  # the plan made the output file
+        written = set()
+        for part, arrays in self._by_key(out, "part"):
+            for k, volume in zip(groups[part], arrays[0]):
+                nifti.write_volume(target, k, volume)
+                written.add(k)
+            self._report(step.name, len(written), state["n_volumes"])
+        self._all_parts(dict.fromkeys(written), state["n_volumes"], step.name)
+        return plan.combine([])
+
+    @native("fit_tensor")
+    def fit_tensor(self, step, state, ctx, plan):
+        series = self._series(state["denoised"], state["n_volumes"])
+        mask = self._mask(state["mask"])
+        blocks = plan.partitions
+        out = self._relation("fit_tensor")
+        self._query(myrial.fit_tensor(
+            series, mask, self._udf("split_blocks"), self._udf("fit_tensor"),
+            self._run({"params": self._params(ctx),
+                       "bvals": np.asarray(state["bvals"]).tolist(),
+                       "bvecs": np.asarray(state["bvecs"]).tolist(),
+                       "blocks": [[[s.start, s.stop] for s in b] for b in blocks]}), out))
+        fits = {i: (blocks[i], fa, md) for i, (fa, md) in self._by_key(out, "flatmapid")}
+        return plan.combine(self._all_parts(fits, len(blocks), step.name))
+
+
+def _bytes(text: str) -> bytes:
+    """A BLOB of Myria's JSON: standard base64."""
+    import base64
+
+    return base64.b64decode(text)
