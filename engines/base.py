@@ -134,6 +134,9 @@ class Engine:
     not_implemented: ClassVar[dict[str, str]] = {}
     # step name -> the engine's native implementation (collected from @native methods)
     native_steps: ClassVar[dict[str, NativeStep]] = {}
+    # True: it runs only on a server the user gives (SciDB, Myria), so where none was
+    # given its queries are compiled and pinned by tests, never run (the matrix says so)
+    server_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

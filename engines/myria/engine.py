@@ -50,6 +50,7 @@ def default_stage() -> str:
 
 class MyriaEngine(Engine):
     name = "myria"
+    server_only = True
     not_implemented = {"calibrate": ASTRO, "warp": ASTRO, "coadd": ASTRO, "detect": ASTRO}
 
     def __init__(self, workers: int | None = None, url: str | None = None,

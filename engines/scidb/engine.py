@@ -60,6 +60,7 @@ def ccd_facts(path: str) -> dict:
 
 class SciDBEngine(Engine):
     name = "scidb"
+    server_only = True
 
     def __init__(self, workers: int | None = None, url: str | None = None,
                  python: str | None = None, suite: str | None = None,
