@@ -20,7 +20,8 @@ import struct
 
 # Valid Python 2 and 3. Frames (all integers big-endian): request b'R' n_tuples, then per
 # tuple n_values and per value b'L' int64 | b'D' double | b'B' length bytes; answer
-# b'O' n then n times (length bytes), or b'E' length utf-8 text (one line: the error).
+# b'O' n then n times (length bytes; for a LONG function, 8 bytes: an int64), or b'E'
+# length utf-8 text (one line: the error).
 SHIM = r'''
 import os
 import struct
@@ -29,6 +30,7 @@ import subprocess
 COMMAND = %(command)r
 SUITE = %(suite)r
 MULTIVALUED = %(multivalued)r
+LONG = %(long)r  # a LONG function's answers are int64s, not BLOBs
 _child = []
 
 
@@ -77,6 +79,8 @@ def udf(tuple_list):
     for _ in range(count):
         size = struct.unpack('>I', _read(child.stdout, 4))[0]
         results.append(_read(child.stdout, size))
+    if LONG:
+        results = [struct.unpack('>q', r)[0] for r in results]
     if MULTIVALUED:
         return results
     if len(results) != 1:
@@ -89,12 +93,14 @@ LOADER = ("(lambda n: eval(compile(n['s'], '<iab-udf>', 'exec'), n) or n['udf'])
           "({'s': %r, '__name__': 'iab_udf'})")
 
 
-def source(step: str, python: str, suite: str, stage: str, multivalued: bool) -> str:
+def source(step: str, python: str, suite: str, stage: str, multivalued: bool,
+           output_type: str = "BLOB_TYPE") -> str:
     """SHIM for one step: the child's command line is fixed here (absolute paths on the
     workers); what changes per run (parameters, sigma, gradients) it reads from the
     stage folder, named by the run's key, the UDF's first argument."""
     command = [python, "-u", "-m", "engines.myria.udf_child", step, stage]
-    return SHIM % {"command": command, "suite": suite, "multivalued": multivalued}
+    return SHIM % {"command": command, "suite": suite, "multivalued": multivalued,
+                   "long": output_type == "LONG_TYPE"}
 
 
 def loader_pickle(text: str) -> bytes:
@@ -118,7 +124,7 @@ def registration(step: str, output_type: str, multivalued: bool, python: str, su
                  stage: str) -> dict:
     """The body of `POST /function` (CreateFunctionEncoding; no other keys: the server
     refuses unknown ones)."""
-    text = source(step, python, suite, stage, multivalued)
+    text = source(step, python, suite, stage, multivalued, output_type)
     return {"name": function_name(step, python, suite, stage),
             "description": f"image-analytics-bench: {step} (engines.myria.udf_child)",
             "outputType": output_type, "isMultiValued": multivalued, "lang": "PYTHON",
