@@ -30,16 +30,17 @@ from pipelines import nifti
 from pipelines.errors import EngineUnavailable
 
 from ..base import Engine, native
-from . import blob, myrial, udf
+from . import blob, myrial, udf, udf_child
 from .rest import Myria, MyriaError
 
 SUITE = Path(__file__).resolve().parents[2]
 SUBJECT = 0  # one subject per run: the study's subjId key, kept for its joins
-ASTRO = ("not compiled for Myria yet: the astronomy steps are the next part of this "
-         "engine")
-# step -> (output type, multivalued) of its UDF (all BLOBs: arrays in and out)
-FUNCTIONS = {"probe": False, "mean_b0": False, "brain_mask": False, "noise_sigma": False,
-             "denoise": False, "split_blocks": True, "fit_tensor": False}
+# step -> (output type, multivalued) of its UDF: BLOBs (arrays, files) in and out, but
+# warp's emit, whose LONGs are patches (a group-by key)
+FUNCTIONS = {**dict.fromkeys(("probe", "mean_b0", "brain_mask", "noise_sigma", "denoise",
+                              "fit_tensor", "calibrate", "warp", "coadd", "detect"),
+                             (myrial.BLOB, False)),
+             "split_blocks": (myrial.BLOB, True), "warp_emit": (myrial.LONG, True)}
 
 
 def default_stage() -> str:
@@ -51,7 +52,6 @@ def default_stage() -> str:
 class MyriaEngine(Engine):
     name = "myria"
     server_only = True
-    not_implemented = {"calibrate": ASTRO, "warp": ASTRO, "coadd": ASTRO, "detect": ASTRO}
 
     def __init__(self, workers: int | None = None, url: str | None = None,
                  stage: str | None = None, python: str | None = None,
@@ -82,9 +82,9 @@ class MyriaEngine(Engine):
                 raise EngineUnavailable(f"Myria at {self.url}: no worker is alive")
             self.workers = len(alive)
             Path(self._files()).mkdir(parents=True, exist_ok=True)
-            for step, multivalued in FUNCTIONS.items():
-                self.rest.register(udf.registration(step, myrial.BLOB, multivalued,
-                                                    self.python, self.suite, self.stage))
+            for step, (output, multivalued) in FUNCTIONS.items():
+                self.rest.register(udf.registration(step, output, multivalued, self.python,
+                                                    self.suite, self.stage))
             self._probe()
         except BaseException:
             self.close()
@@ -286,6 +286,135 @@ class MyriaEngine(Engine):
                        "blocks": [[[s.start, s.stop] for s in b] for b in blocks]}), out))
         fits = {i: (blocks[i], fa, md) for i, (fa, md) in self._by_key(out, "flatmapid")}
         return plan.combine(self._all_parts(fits, len(blocks), step.name))
+
+    # -- astronomy ----------------------------------------------------------------------
+    def _fits_files(self, keys: list[str], rows, paths, what: str) -> str:
+        """FITS files as BLOB tuples (keys..., img), each the file's bytes, keyed as the
+        study keyed them."""
+        return self._ingest(keys, rows, (np.frombuffer(Path(p).read_bytes(), np.uint8)
+                                         for p in paths), what)
+
+    def _astro_args(self, ctx, state, **more) -> dict:
+        import dataclasses
+
+        return {"params": self._params(ctx), "skymap": dataclasses.asdict(state["skymap"]),
+                **more}
+
+    def _each(self, step: str, why: str, table: str, keys: list[str], args: dict) -> str:
+        out = self._relation(step)
+        self._query(myrial.each(step, why, table, keys, self._udf(step), self._run(args),
+                                out))
+        return out
+
+    def _answers(self, out: str, keys: list, step: str) -> list:
+        """The child's answers (facts, file bytes, arrays) in the order of the plan's
+        `keys`, every one answered."""
+        index = {key: i for i, key in enumerate(keys)}
+        got = {}
+        for row in self.rest.rows(out):
+            meta, data, *arrays = blob.decode(_bytes(row["value"]))
+            meta = json.loads(meta.tobytes())
+            got[index[udf_child.as_tuples(meta["key"])]] = (meta, data.tobytes(), arrays)
+        return self._all_parts(got, len(keys), step)
+
+    @staticmethod
+    def _keep(meta: dict, data: bytes, ctx) -> str | None:
+        """The kernel's output file as the child sent it, under the run folder."""
+        if meta["name"] is None:
+            return None
+        path = Path(ctx.workdir) / meta["name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return str(path)
+
+    def _shuffle_args(self, shuffle, files: dict) -> dict:
+        """The plan's shuffle for the child: its emit and make by name, its records by the
+        key of the tuple that holds each one's file (`files`: path -> key), the path
+        marked where the child puts its copy."""
+        records = []
+        for record in shuffle.records:
+            found = [files[v] for v in _leaves(record) if isinstance(v, str) and v in files]
+            records.append([list(found[0]), _marked(record, files)])
+        return {"emit": _name(shuffle.emit), "make": _name(shuffle.make), "records": records}
+
+    @native("calibrate")
+    def calibrate(self, step, state, ctx, plan):
+        ccds = plan.partitions
+        table = self._fits_files(["visit", "ccd"], [c.key for c in ccds],
+                                 [c.path for c in ccds], "raw")
+        out = self._each("calibrate", "a UDF per CCD: its raw file to its calexp, facts "
+                         "and saturated stars", table, ["visit", "ccd"], self._astro_args(
+                             ctx, state, ccds=[[*c.key, c.path, list(c.shape)] for c in ccds]))
+        results = []
+        for ccd, (meta, data, arrays) in zip(ccds, self._answers(out, [c.key for c in ccds],
+                                                                  step.name)):
+            facts = meta["facts"]
+            if arrays:
+                facts["saturated"] = arrays[0]
+            results.append((ccd.key, self._keep(meta, data, ctx), facts))
+        return plan.combine(results)
+
+    @native("warp")
+    def warp(self, step, state, ctx, plan):
+        calexps = state["calexps"]
+        table = self._fits_files(["visit", "ccd"], list(calexps), list(calexps.values()),
+                                 "calexps")
+        out = self._relation("warp")
+        args = self._astro_args(ctx, state, **self._shuffle_args(
+            plan.shuffle, {path: key for key, path in calexps.items()}))
+        self._query(myrial.warp(table, self._udf("warp_emit"), self._udf("warp"),
+                                self._run(args), out))
+        keys = [(visit, patch) for visit, patch, _ in plan.partitions]
+        return plan.combine([(*key, self._keep(meta, data, ctx)) for key, (meta, data, _)
+                             in zip(keys, self._answers(out, keys, step.name))])
+
+    @native("coadd")
+    def coadd(self, step, state, ctx, plan):
+        skymap = state["skymap"]
+        keys = {path: (visit, udf_child.patch_id(patch, skymap))
+                for (visit, patch), path in state["warps"].items()}
+        table = self._fits_files(["visit", "patch"], list(keys.values()), list(keys),
+                                 "warps")
+        out = self._relation("coadd")
+        args = self._astro_args(ctx, state, strip_rows=ctx.partitioning.coadd_strip_rows,
+                                **self._shuffle_args(plan.shuffle, keys))
+        self._query(myrial.coadd(table, self._udf("coadd"), self._run(args), out))
+        patches = [patch for patch, _ in plan.partitions]
+        return plan.combine([(patch, self._keep(meta, data, ctx)) for patch, (meta, data, _)
+                             in zip(patches, self._answers(out, patches, step.name))])
+
+    @native("detect")
+    def detect(self, step, state, ctx, plan):
+        import base64
+
+        patches = [patch for patch, _ in plan.partitions]
+        table = self._fits_files(["patch"], [(udf_child.patch_id(p, state["skymap"]),)
+                                             for p in patches],
+                                 [path for _, path in plan.partitions], "coadds")
+        out = self._each("detect", "a UDF per coadd patch: its sources", table, ["patch"],
+                         self._astro_args(ctx, state, saturated=base64.b64encode(
+                             state["saturated"].tobytes()).decode()))
+        return plan.combine([(patch, arrays[0]) for patch, (_, _, arrays)
+                             in zip(patches, self._answers(out, patches, step.name))])
+
+
+def _leaves(value):
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _marked(value, files: dict):
+    """A record as JSON, its file's path replaced by udf_child.FILE."""
+    if isinstance(value, (tuple, list)):
+        return [_marked(v, files) for v in value]
+    return udf_child.FILE if isinstance(value, str) and value in files else value
+
+
+def _name(function) -> str:
+    return f"{function.__module__}:{function.__qualname__}"
 
 
 def _bytes(text: str) -> bytes:

@@ -148,6 +148,14 @@ def _header(step: str, why: str) -> str:
     return f"-- {step}: {why}\n"
 
 
+def _uda(name: str, params: str, udf: str) -> str:
+    """A MyriaL UDA whose update is the Python function over the whole group."""
+    return (f"uda {name}({params}) {{\n"
+            f"  [b'' as value];  -- {NULL_STATE}\n"
+            f"  [{udf}(value, {params})];\n"
+            f"  [value];\n}};\n")
+
+
 def probe(table: str, udf: str, run: int, out: str) -> Program:
     program = Program(_header("probe", "the workers run the suite's child") + (
         f"P = scan(public:adhoc:{table});  -- (subjId)\n"
@@ -181,11 +189,8 @@ def grouped(step: str, why: str, series: str, parts: str, udf: str, run: int, ou
     else:
         text += ("T = [from S, P where S.imgId = P.imgId\n"
                  f"     emit S.subjId, P.part, {run} as run, S.imgId, S.img];\n")
-    text += (f"uda Step({params}) {{\n"
-             f"  [b'' as value];  -- {NULL_STATE}\n"
-             f"  [{udf}(value, {params})];\n"
-             f"  [value];\n}};\n"
-             f"R = [from T emit T.subjId, T.part, Step({args}) as value];\n"
+    text += (_uda("Step", params, udf)
+             + f"R = [from T emit T.subjId, T.part, Step({args}) as value];\n"
              f"store(R, public:adhoc:{out});\n")
     program = Program(text)
     f1 = program.fragment()
@@ -202,20 +207,32 @@ def grouped(step: str, why: str, series: str, parts: str, udf: str, run: int, ou
     return program
 
 
-def brain_mask(volume: str, udf: str, run: int, out: str) -> Program:
-    program = Program(_header("brain_mask", "one task: the mean b0 volume to its mask") + (
-        f"V = scan(public:adhoc:{volume});  -- (subjId, img)\n"
-        f"T = [from V emit V.subjId, {run} as run, V.img];\n"
-        f"R = [from T emit T.subjId, {udf}(T.run, T.img) as mask];\n"
+def each(step: str, why: str, table: str, keys: list[str], udf: str, run: int, out: str,
+         result: str = "value", key_args: bool = True) -> Program:
+    """A UDF per tuple (keys..., img) of `table`: brain_mask, calibrate, detect."""
+    given = "".join(f"T.{k}, " for k in keys) if key_args else ""
+    program = Program(_header(step, why) + (
+        f"V = scan(public:adhoc:{table});  -- ({', '.join(keys)}, img)\n"
+        f"T = [from V emit {''.join(f'V.{k}, ' for k in keys)}{run} as run, V.img];\n"
+        f"R = [from T emit {''.join(f'T.{k}, ' for k in keys)}{udf}(T.run, {given}T.img)"
+        f" as {result}];\n"
         f"store(R, public:adhoc:{out});\n"))
+    n = len(keys)
     f = program.fragment()
-    s = scan(program, f, volume)
+    s = scan(program, f, table)
     a = program.op(f, "Apply", argChild=s, emitExpressions=emit(
-        ("subjId", var(0)), ("run", const(run, LONG)), ("img", var(1))))
+        *[(k, var(i)) for i, k in enumerate(keys)], ("run", const(run, LONG)),
+        ("img", var(n))))
+    children = [var(n)] + ([var(i) for i in range(n)] if key_args else []) + [var(n + 1)]
     u = program.op(f, "Apply", argChild=a, emitExpressions=emit(
-        ("subjId", var(0)), ("mask", pyudf(udf, [var(1), var(2)]))))
+        *[(k, var(i)) for i, k in enumerate(keys)], (result, pyudf(udf, children))))
     store(program, f, u, out)
     return program
+
+
+def brain_mask(volume: str, udf: str, run: int, out: str) -> Program:
+    return each("brain_mask", "one task: the mean b0 volume to its mask", volume,
+                ["subjId"], udf, run, out, "mask", key_args=False)
 
 
 def fit_tensor(series: str, mask: str, split: str, fit: str, run: int, out: str) -> Program:
@@ -231,12 +248,9 @@ def fit_tensor(series: str, mask: str, split: str, fit: str, run: int, out: str)
         f"-- them (column flatmapid, the block id), which raco does not emit\n"
         f"B = [from T emit T.subjId, T.imgId, T.run, {split}(T.run, T.imgId, T.img, T.mask)"
         f" as blk];\n"
-        f"uda Fit(run, imgId, blk) {{\n"
-        f"  [b'' as value];  -- {NULL_STATE}\n"
-        f"  [{fit}(value, run, imgId, blk)];\n"
-        f"  [value];\n}};\n"
-        f"R = [from B emit B.subjId, B.flatmapid, Fit(B.run, B.imgId, B.blk) as value];\n"
-        f"store(R, public:adhoc:{out});\n"))
+        + _uda("Fit", "run, imgId, blk", fit) + (
+            f"R = [from B emit B.subjId, B.flatmapid, Fit(B.run, B.imgId, B.blk) as value];\n"
+            f"store(R, public:adhoc:{out});\n")))
     f1 = program.fragment()
     s, m = scan(program, f1, series), scan(program, f1, mask)
     j = join(program, f1, s, m, (0, 0), (0, 1, 2), (1,))  # subjId, imgId, img, mask
@@ -248,4 +262,49 @@ def fit_tensor(series: str, mask: str, split: str, fit: str, run: int, out: str)
         ("blk", pyudf(split, [var(2), var(1), var(3), var(4)]))))
     # (subjId, imgId, run, blk, flatmapid)
     group_by_uda(program, f1, b, [0, 4], fit, [2, 1, 3], "value", out)
+    return program
+
+
+def warp(calexps: str, emit_udf: str, udf: str, run: int, out: str) -> Program:
+    """The study's flatMap CCD -> (visit, patch) and group-by (visit, patch): the plan's
+    emit, a multivalued LONG UDF, gives each calexp a row per patch it overlaps (the
+    calexp's BLOB on each); a UDA per (visit, patch) makes the plan's partition (its make)
+    and warps it."""
+    program = Program(_header("warp", "calexps keyed (visit, ccd) to warps keyed "
+                              "(visit, patch)") + (
+        f"C = scan(public:adhoc:{calexps});  -- (visit, ccd, img): each calexp's FITS file\n"
+        f"T = [from C emit C.visit, C.ccd, {run} as run, C.img];\n"
+        f"-- {emit_udf} is multivalued (LONG): the plan's emit of the CCD, a row per patch\n"
+        f"E = [from T emit T.visit, T.ccd, T.run, T.img, {emit_udf}(T.run, T.visit, T.ccd)"
+        f" as patch];\n"
+        + _uda("Warp", "run, visit, ccd, patch, img", udf) + (
+            "R = [from E emit E.visit, E.patch, Warp(E.run, E.visit, E.ccd, E.patch, E.img)"
+            " as value];\n"
+            f"store(R, public:adhoc:{out});\n")))
+    f1 = program.fragment()
+    s = scan(program, f1, calexps)
+    a = program.op(f1, "Apply", argChild=s, emitExpressions=emit(
+        ("visit", var(0)), ("ccd", var(1)), ("run", const(run, LONG)), ("img", var(2))))
+    e = program.op(f1, "Apply", argChild=a, emitExpressions=emit(
+        ("visit", var(0)), ("ccd", var(1)), ("run", var(2)), ("img", var(3)),
+        ("patch", pyudf(emit_udf, [var(2), var(0), var(1)], LONG))))
+    # (visit, ccd, run, img, patch)
+    group_by_uda(program, f1, e, [0, 4], udf, [2, 0, 1, 4, 3], "value", out)
+    return program
+
+
+def coadd(warps: str, udf: str, run: int, out: str) -> Program:
+    """Warps keyed (visit, patch) grouped by patch, a UDA per patch making the plan's
+    partition (its emit and make) and co-adding it."""
+    program = Program(_header("coadd", "warps keyed (visit, patch) to coadds keyed patch") + (
+        f"W = scan(public:adhoc:{warps});  -- (visit, patch, img): each warp's FITS file\n"
+        f"T = [from W emit W.visit, W.patch, {run} as run, W.img];\n"
+        + _uda("Coadd", "run, visit, patch, img", udf) + (
+            "R = [from T emit T.patch, Coadd(T.run, T.visit, T.patch, T.img) as value];\n"
+            f"store(R, public:adhoc:{out});\n")))
+    f1 = program.fragment()
+    s = scan(program, f1, warps)
+    a = program.op(f1, "Apply", argChild=s, emitExpressions=emit(
+        ("visit", var(0)), ("patch", var(1)), ("run", const(run, LONG)), ("img", var(2))))
+    group_by_uda(program, f1, a, [1], udf, [2, 0, 1, 3], "value", out)
     return program

@@ -8,13 +8,21 @@ file the engine wrote in the stage folder (STAGE/iab-KEY.json). A UDA's tuples b
 its state, which these steps do not use. Every answer is a list of BLOB byte strings
 (engines/myria/blob.py); an error is answered as one line, its traceback goes to stderr
 (the Myria worker's log).
+
+The astronomy kernels read and write FITS files by path: a file travels as a BLOB of its
+bytes (one uint8 record), which the child writes into a temporary folder for the unchanged
+kernel; the kernel's output file comes back as the answer's bytes, with its name under the
+run folder and its key (so the client keeps the kernel's own bytes).
 """
 from __future__ import annotations
 
+import base64
+import importlib
 import json
 import platform
 import struct
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -51,7 +59,8 @@ def _by_image(tuples, first: int):
 
 def probe(tuples, args):
     """The engine's start-up check: this Python and the suite import on the worker."""
-    import pipelines.neuro  # noqa: F401  the kernels' module, and what it needs
+    import pipelines.astro  # noqa: F401  the kernels' modules, and what they need
+    import pipelines.neuro  # noqa: F401
 
     return [f"ok\t{platform.python_version()}".encode()]
 
@@ -131,9 +140,156 @@ def fit_tensor(tuples, args):
     return [blob.pack([fa, md])]
 
 
+# -- astronomy: FITS files as BLOBs ----------------------------------------------------------
+
+FILE = "@file"  # where the engine's copy of a plan's record held its input file's path
+
+
+def patch_id(patch, skymap) -> int:
+    """A patch as one LONG column (its place in the sky map's grid): the group-by key."""
+    return int(patch[0]) * skymap.patches_y + int(patch[1])
+
+
+def as_tuples(value):
+    """JSON's lists back into the plan's tuples (keys, records)."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _swap(value, old, new):
+    if isinstance(value, tuple):
+        return tuple(_swap(v, old, new) for v in value)
+    return new if value == old else value
+
+
+def _astro(args):
+    from pipelines import astro
+
+    return astro.AstroParams(**args["params"]), astro.SkyMap(**args["skymap"])
+
+
+def _function(name: str):
+    """The plan's own function, named module:qualname (its shuffle's emit and make)."""
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _fits(value, folder, name: str) -> str:
+    """A FITS file's BLOB written into `folder` for the kernel to read."""
+    path = Path(folder) / name
+    path.write_bytes(_array(value, name)[0].tobytes())
+    return str(path)
+
+
+def _text(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _answer(key, path, folder, facts=None, *arrays) -> list[bytes]:
+    """An astronomy answer: (JSON of the key, the output file's name under the run folder
+    and the kernel's facts; the file's bytes, empty if it made none; its arrays)."""
+    name = None if path is None else str(Path(path).relative_to(folder))
+    meta = json.dumps({"key": key, "name": name, "facts": facts or {}}).encode()
+    data = b"" if path is None else Path(path).read_bytes()
+    return [blob.pack([_text(meta), _text(data), *arrays])]
+
+
+def calibrate(tuples, args):
+    """(run, visit, ccd, raw file) -> its calexp file, facts and saturated stars, by the
+    suite's calibrate_kernel (a reason names the CCD's own path, not the copy's)."""
+    from pipelines import astro
+
+    _, visit, ccd, img = tuples[0]
+    params, _ = _astro(args)
+    original, shape = {(v, c): (p, s) for v, c, p, s in args["ccds"]}[(visit, ccd)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = _fits(img, folder, "raw.fits")
+        key, out, facts = astro.calibrate_kernel(
+            astro.CcdInput(path, visit, ccd, tuple(shape), np.zeros((4, 2))), folder, params)
+        stars = [facts.pop("saturated")] if "saturated" in facts else []
+        if "reason" in facts:
+            facts["reason"] = facts["reason"].replace(path, original)
+        return _answer(key, out, folder, facts, *stars)
+
+
+def _records(args) -> dict:
+    """The plan's shuffle records, by the key of the tuple that holds each one's file:
+    key -> (record index, record)."""
+    return {as_tuples(k): (i, as_tuples(r)) for i, (k, r) in enumerate(args["records"])}
+
+
+def _regrouped(tuples, args, folder, patch_of):
+    """A group's rows (state, run, record key..., patch, file) as the plan's shuffle makes
+    the group's partition: each row's record (its file this child's copy) through the
+    plan's emit; the values emitted under this group's key, in record order, through the
+    plan's make. `patch_of`: the patch of an emitted key."""
+    emit, make = _function(args["emit"]), _function(args["make"])
+    records, width = _records(args), len(args["records"][0][0])
+    _, skymap = _astro(args)
+    found, key = [], None
+    for row in tuples:
+        index, record = records[tuple(row[2:2 + width])]
+        path = _fits(row[-1], folder, f"in_{index}.fits")
+        for emitted, value in emit(_swap(record, FILE, path)):
+            if patch_id(patch_of(emitted), skymap) == row[-2]:
+                key = emitted
+                found.append((index, value))
+    return make(key, [value for _, value in sorted(found, key=lambda f: f[0])])
+
+
+def warp_emit(tuples, args):
+    """(run, visit, ccd) -> the patch of each (visit, patch) the plan's emit makes of the
+    CCD's record: a LONG each, so the query has a row per patch (the study's flatMap)."""
+    _, visit, ccd = tuples[0]
+    _, skymap = _astro(args)
+    _, record = _records(args)[(visit, ccd)]
+    return [struct.pack(">q", patch_id(key[1], skymap))
+            for key, _ in _function(args["emit"])(record)]
+
+
+def warp(tuples, args):
+    """A (visit, patch) group's calexps (state, run, visit, ccd, patch, file) -> its warp
+    file, by the suite's warp_kernel on the partition the plan's make makes."""
+    from pipelines import astro
+
+    params, skymap = _astro(args)
+    with tempfile.TemporaryDirectory() as folder:
+        part = _regrouped(tuples, args, folder, lambda key: key[1])
+        visit, patch, out = astro.warp_kernel(part, skymap, folder, params)
+        return _answer((visit, patch), out, folder)
+
+
+def coadd(tuples, args):
+    """A patch's warps (state, run, visit, patch, file) -> its coadd file, by the suite's
+    coadd_kernel on the partition the plan's make makes."""
+    from pipelines import astro
+
+    params, skymap = _astro(args)
+    with tempfile.TemporaryDirectory() as folder:
+        part = _regrouped(tuples, args, folder, lambda key: key)
+        patch, out = astro.coadd_kernel(part, skymap, folder, params, args["strip_rows"])
+        return _answer(patch, out, folder)
+
+
+def detect(tuples, args):
+    """(run, patch, coadd file) -> the patch's catalog rows (CATALOG_DTYPE), by the
+    suite's detect_kernel with the calibration's saturated stars."""
+    from pipelines import astro
+
+    _, n, img = tuples[0]
+    params, skymap = _astro(args)
+    saturated = np.frombuffer(base64.b64decode(args["saturated"]),
+                              dtype=astro.SATURATED_DTYPE)
+    with tempfile.TemporaryDirectory() as folder:
+        patch, rows = astro.detect_kernel(
+            (divmod(int(n), skymap.patches_y), _fits(img, folder, "coadd.fits")), skymap,
+            params, saturated)
+        return _answer(patch, None, folder, None, rows)
+
+
 STEPS = {"probe": probe, "mean_b0": mean_b0, "brain_mask": brain_mask,
          "noise_sigma": noise_sigma, "denoise": denoise, "split_blocks": split_blocks,
-         "fit_tensor": fit_tensor}
+         "fit_tensor": fit_tensor, "calibrate": calibrate, "warp_emit": warp_emit,
+         "warp": warp, "coadd": coadd, "detect": detect}
 
 
 # -- the exchange ------------------------------------------------------------------------
@@ -203,7 +359,8 @@ def serve(step: str, stage: str, stdin, stdout, stderr) -> None:
             write_error(stdout, f"{step}: {type(exc).__name__}: {first}"[:2000])
 
 
-UDAS = ("mean_b0", "noise_sigma", "denoise", "fit_tensor")  # their tuples begin with state
+# their tuples begin with state
+UDAS = ("mean_b0", "noise_sigma", "denoise", "fit_tensor", "warp", "coadd")
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ from engines.myria.engine import MyriaEngine
 from engines.tolerances import SAME_KERNELS
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
-from pipelines import neuro, nifti
+from pipelines import astro, neuro, nifti
 from pipelines.errors import EngineUnavailable, InputError
 from pipelines.steps import RunContext
 
@@ -32,6 +32,11 @@ SNAPSHOTS = ROOT / "tests" / "snapshots" / "myria"
 @pytest.fixture(scope="module")
 def run():
     return reference_run(load_dataset("phantom-tiny").inputs[0])
+
+
+@pytest.fixture(scope="module")
+def survey():
+    return reference_run(load_dataset("survey-tiny").inputs[0])
 
 
 def params():
@@ -140,15 +145,15 @@ class RecordingRest:
         return iter(())
 
 
-def sent_for(step_name, run, tmp_path):
+def sent_for(pipeline, step_name, run, tmp_path):
     engine = MyriaEngine(url="http://myria.example:8753", stage="/srv/iab-stage",
                          python="/usr/bin/python3", suite="/srv/image-analytics-bench")
     engine.rest, engine.token, engine.run_base = RecordingRest(), "snap", 1
     written = []
     engine._write = lambda path, data: written.append((path, len(data)))
-    step = neuro.STEP_BY_NAME[step_name]
+    step = pipeline.STEP_BY_NAME[step_name]
     state = run.state_before(step_name)
-    ctx = RunContext(tmp_path, neuro.NeuroParams(), neuro.NeuroPartitioning())
+    ctx = RunContext(tmp_path, pipeline.Params(), pipeline.Partitioning())
     with pytest.raises((EngineUnavailable, InputError, IndexError)):
         # no data came back: no part, no mask; what was sent is what is pinned
         engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
@@ -166,10 +171,17 @@ def sent_for(step_name, run, tmp_path):
     return files + "\n".join(myrial_text), json.dumps(plans, indent=1) + "\n"
 
 
-@pytest.mark.parametrize("step", [s.name for s in neuro.STEPS])
-def test_compiled_programs_are_the_reviewed_snapshots(step, run, tmp_path):
+STEPS = [(neuro, s.name) for s in neuro.STEPS] + [(astro, s.name) for s in astro.STEPS]
+
+
+def run_of(pipeline, request):
+    return request.getfixturevalue("run" if pipeline is neuro else "survey")
+
+
+@pytest.mark.parametrize("pipeline, step", STEPS)
+def test_compiled_programs_are_the_reviewed_snapshots(pipeline, step, request, tmp_path):
     """IAB_UPDATE_SNAPSHOTS=1 rewrites them; a change is then reviewed in the diff."""
-    for got, path in zip(sent_for(step, run, tmp_path),
+    for got, path in zip(sent_for(pipeline, step, run_of(pipeline, request), tmp_path),
                          (SNAPSHOTS / f"{step}.myl", SNAPSHOTS / f"{step}.json")):
         if os.environ.get("IAB_UPDATE_SNAPSHOTS"):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,27 +190,27 @@ def test_compiled_programs_are_the_reviewed_snapshots(step, run, tmp_path):
         assert got == path.read_text()
 
 
-def test_every_plan_operator_is_wired_to_one_that_exists(run, tmp_path):
+@pytest.mark.parametrize("pipeline, step", STEPS)
+def test_every_plan_operator_is_wired_to_one_that_exists(pipeline, step, request, tmp_path):
     """Each child and consumer id of a plan names an operator of it, each fragment ends
     in a DbInsert or a producer, and every PYUDF is one the engine registers."""
     from engines.myria.engine import FUNCTIONS
 
     names = {udf.function_name(s, "/usr/bin/python3", "/srv/image-analytics-bench",
                                "/srv/iab-stage") for s in FUNCTIONS}
-    for step in neuro.STEPS:
-        for plan in json.loads(sent_for(step.name, run, tmp_path)[1]):
-            if "fragments" not in plan:
-                continue
-            ops = {op["opId"]: op for f in plan["fragments"] for op in f["operators"]}
-            for op in ops.values():
-                for ref in ("argChild", "argChild1", "argChild2", "argOperatorId"):
-                    assert op.get(ref, 0) in ops
-                text = json.dumps(op)
-                for name in {w.split('"')[0] for w in text.split('"name": "')[1:]}:
-                    assert name in names, name
-            for fragment in plan["fragments"]:
-                assert fragment["operators"][-1]["opType"] in (
-                    "DbInsert", "ShuffleProducer", "BroadcastProducer")
+    for plan in json.loads(sent_for(pipeline, step, run_of(pipeline, request), tmp_path)[1]):
+        if "fragments" not in plan:
+            continue
+        ops = {op["opId"]: op for f in plan["fragments"] for op in f["operators"]}
+        for op in ops.values():
+            for ref in ("argChild", "argChild1", "argChild2", "argOperatorId"):
+                assert op.get(ref, 0) in ops
+            text = json.dumps(op)
+            for name in {w.split('"')[0] for w in text.split('"name": "')[1:]}:
+                assert name in names, name
+        for fragment in plan["fragments"]:
+            assert fragment["operators"][-1]["opType"] in (
+                "DbInsert", "ShuffleProducer", "BroadcastProducer")
 
 
 def test_close_deletes_every_relation_it_can(tmp_path):
@@ -226,8 +238,8 @@ def test_close_deletes_every_relation_it_can(tmp_path):
 def test_without_a_server_the_engine_says_how_to_give_one():
     with pytest.raises(EngineUnavailable, match=r"^no Myria server given: --myria-url "):
         MyriaEngine().start()
-    assert MyriaEngine.capability("denoise") == "native"
-    assert MyriaEngine.capability("detect").startswith("not implemented: not compiled for")
+    assert all(MyriaEngine.capability(s.name) == "native"
+               for s in neuro.STEPS + astro.STEPS)
 
 
 def test_an_unreachable_server_is_one_line(tmp_path):
