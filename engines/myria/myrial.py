@@ -207,6 +207,14 @@ def grouped(step: str, why: str, series: str, parts: str, udf: str, run: int, ou
     return program
 
 
+def with_run(program, fragment, table: str, keys: list[str], run: int) -> int:
+    """scan(table) of (keys..., img), the run's key put in: (keys..., run, img)."""
+    s = scan(program, fragment, table)
+    return program.op(fragment, "Apply", argChild=s, emitExpressions=emit(
+        *[(k, var(i)) for i, k in enumerate(keys)], ("run", const(run, LONG)),
+        ("img", var(len(keys)))))
+
+
 def each(step: str, why: str, table: str, keys: list[str], udf: str, run: int, out: str,
          result: str = "value", key_args: bool = True) -> Program:
     """A UDF per tuple (keys..., img) of `table`: brain_mask, calibrate, detect."""
@@ -219,10 +227,7 @@ def each(step: str, why: str, table: str, keys: list[str], udf: str, run: int, o
         f"store(R, public:adhoc:{out});\n"))
     n = len(keys)
     f = program.fragment()
-    s = scan(program, f, table)
-    a = program.op(f, "Apply", argChild=s, emitExpressions=emit(
-        *[(k, var(i)) for i, k in enumerate(keys)], ("run", const(run, LONG)),
-        ("img", var(n))))
+    a = with_run(program, f, table, keys, run)
     children = [var(n)] + ([var(i) for i in range(n)] if key_args else []) + [var(n + 1)]
     u = program.op(f, "Apply", argChild=a, emitExpressions=emit(
         *[(k, var(i)) for i, k in enumerate(keys)], (result, pyudf(udf, children))))
@@ -282,9 +287,7 @@ def warp(calexps: str, emit_udf: str, udf: str, run: int, out: str) -> Program:
             " as value];\n"
             f"store(R, public:adhoc:{out});\n")))
     f1 = program.fragment()
-    s = scan(program, f1, calexps)
-    a = program.op(f1, "Apply", argChild=s, emitExpressions=emit(
-        ("visit", var(0)), ("ccd", var(1)), ("run", const(run, LONG)), ("img", var(2))))
+    a = with_run(program, f1, calexps, ["visit", "ccd"], run)
     e = program.op(f1, "Apply", argChild=a, emitExpressions=emit(
         ("visit", var(0)), ("ccd", var(1)), ("run", var(2)), ("img", var(3)),
         ("patch", pyudf(emit_udf, [var(2), var(0), var(1)], LONG))))
@@ -303,8 +306,6 @@ def coadd(warps: str, udf: str, run: int, out: str) -> Program:
             "R = [from T emit T.patch, Coadd(T.run, T.visit, T.patch, T.img) as value];\n"
             f"store(R, public:adhoc:{out});\n")))
     f1 = program.fragment()
-    s = scan(program, f1, warps)
-    a = program.op(f1, "Apply", argChild=s, emitExpressions=emit(
-        ("visit", var(0)), ("patch", var(1)), ("run", const(run, LONG)), ("img", var(2))))
+    a = with_run(program, f1, warps, ["visit", "patch"], run)
     group_by_uda(program, f1, a, [1], udf, [2, 0, 1, 3], "value", out)
     return program
