@@ -371,3 +371,33 @@ def test_credentials_go_only_where_given(myria_server):
     assert fast(url).alive_workers() == [1, 2]
     assert Myria(url, user="iab", password="secret").alive_workers() == [1, 2]
     assert replay.auth == [None, "Basic " + base64.b64encode(b"iab:secret").decode()]
+
+
+@pytest.mark.skipif(PYTHON2 is None, reason="no Python 2.7 on this machine")
+def test_python2_gets_a_long_multivalued_udfs_ints(tmp_path):
+    """warp's emit (LONG, multivalued), loaded by cPickle: a list of ints, one per patch
+    the plan's emit gives the CCD (patches (0, 1) and (1, 1) of a 2 x 2 sky map)."""
+    import dataclasses
+
+    from pipelines import astro
+
+    skymap = astro.SkyMap(154.1, -4.9, 0.333, 8, 2, 2, 2)
+    (tmp_path / "iab-11.json").write_text(json.dumps({
+        "params": dataclasses.asdict(astro.AstroParams()),
+        "skymap": dataclasses.asdict(skymap), "emit": "pipelines.astro:_warp_emit",
+        "records": [[[4, 7], [4, [[0, 1], [1, 1]], "@file"]]]}))
+    (tmp_path / "reg.json").write_text(json.dumps(udf.registration(
+        "warp_emit", "LONG_TYPE", True, sys.executable, str(ROOT), str(tmp_path))))
+    script = """
+import base64, cPickle, json, sys
+d = sys.argv[1]
+reg = json.load(open(d + '/reg.json'))
+f = cPickle.loads(base64.urlsafe_b64decode(reg['binary'].encode('ascii')))
+out = f([[11, 4, 7]])
+assert type(out) is list and all(type(v) in (int, long) for v in out), out
+print(json.dumps(out))
+"""
+    proc = subprocess.run([PYTHON2, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == [0 * 2 + 1, 1 * 2 + 1]
