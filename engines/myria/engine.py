@@ -1,15 +1,17 @@
-"""The Myria engine: the neuroscience steps run in a Myria cluster the user runs, through
+"""The Myria engine: both pipelines' steps run in a Myria cluster the user runs, through
 its REST server (`--myria-url`). Nothing here starts a server, and CI has never run this
 engine against one: its pieces are tested on their own (the BLOB bytes, the REST client
 against the server's documented replies, the UDF under Python 2's cPickle and the child
 against the reference's kernels, each step's MyriaL and JSON plan against reviewed
-snapshots).
+snapshots, the plans played as Myria's operators on one worker).
 
-Each step: the arrays it needs go into Myria as BLOB tuples (images keyed (subjId, imgId)
-as the study keyed them), through the stage folder (`--myria-stage`, which the workers
+Each step: what it needs goes into Myria as BLOB tuples keyed as the study keyed them
+(images (subjId, imgId); CCDs (visit, ccd), warps (visit, patch), coadds by patch, each
+BLOB a FITS file's bytes), through the stage folder (`--myria-stage`, which the workers
 read at the same path: DOWNLOADBLOB is the one way a BLOB gets in); the step's plan runs
 (engines/myria/myrial.py); its BLOBs come back as JSON. The suite's kernels run as Python
-UDFs/UDAs (engines/myria/udf.py). Relations this engine makes are named
+UDFs/UDAs (engines/myria/udf.py); where a plan regroups (warp, coadd), its shuffle's own
+emit and make run there too. Relations this engine makes are named
 `iab_<session>_<what>_<n>` and deleted when it closes; so are its stage files. The
 functions it registers stay (Myria cannot remove one), named per step and child command,
 and are replaced by the next registration of the same name.
