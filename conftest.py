@@ -28,7 +28,8 @@ from fixtures import comparison, datasets, gate, history  # noqa: E402
 from fixtures.measure import PeakMemory  # noqa: E402
 from fixtures.reference import reference_run  # noqa: E402
 from pipelines import PIPELINES  # noqa: E402
-from pipelines.errors import EngineLost, EngineUnavailable, InputError  # noqa: E402
+from pipelines.errors import (EngineLost, EngineUnavailable, InputError,  # noqa: E402
+                              WorkersKeptDying)
 
 TIMINGS = pytest.StashKey[list]()
 RESULTS = pytest.StashKey[list]()  # history.Result of every timed benchmark
@@ -207,11 +208,13 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "skipped"
         report.wasxfail = f"reason: {call.excinfo.value}"
     if call.excinfo is not None and call.excinfo.errisinstance(EngineLost):
-        # the test fails with the engine's one line; the engine's other tests skip
-        report.longrepr = f"EngineLost: {call.excinfo.value}"
+        # the test fails with the engine's one line; a lost engine's other tests skip
+        # (not one whose workers a task kept killing: it lives on, the next test runs)
+        report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
         live = item.funcargs.get("live_engine")
         params = getattr(item, "callspec", None) and item.callspec.params
-        if live is not None and params and "engine" in params:
+        if live is not None and params and "engine" in params and \
+                not call.excinfo.errisinstance(WorkersKeptDying):
             live.lost(params["engine"], str(call.excinfo.value))
 
 

@@ -19,7 +19,7 @@ import distributed
 from distributed import Client, KilledWorker, LocalCluster
 from concurrent.futures import CancelledError
 
-from pipelines.errors import EngineLost, EngineUnavailable
+from pipelines.errors import EngineLost, EngineUnavailable, WorkersKeptDying
 
 from .base import RECORDED_PACKAGES, Engine, children_ignore_ctrl_c, package_versions
 
@@ -67,6 +67,14 @@ class DaskEngine(Engine):
         self.cluster: LocalCluster | None = None
 
     def start(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()  # what was started, and the log handler
+            raise
+        return self
+
+    def _start(self):
         self._log_to_file()
         if self.scheduler:
             try:
@@ -78,7 +86,6 @@ class DaskEngine(Engine):
             try:
                 self.client.wait_for_workers(1, timeout=self.connect_timeout)
             except TimeoutError:
-                self.close()
                 raise EngineUnavailable(f"the Dask scheduler at {self.scheduler} has no "
                                         f"workers") from None
             found = self.client.scheduler_info()["workers"].values()
@@ -101,25 +108,26 @@ class DaskEngine(Engine):
         problems = {w: err for w, err in self.client.run(_prepare_worker).items() if err}
         if problems:
             worker, err = next(iter(problems.items()))
-            self.close()
             raise EngineUnavailable(f"Dask worker {worker} cannot import the suite ({err}); "
                                     f"start workers with PYTHONPATH={SUITE_ROOT} and the "
                                     f"suite's packages installed")
-        return self
 
     def close(self):
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.cluster is not None:
-            self.cluster.close()
-            self.cluster = None
-        if self.log_handler is not None:
-            logger = logging.getLogger("distributed")
-            logger.removeHandler(self.log_handler)
-            self.log_handler.close()
-            self.log_handler = None
-            logger.handlers[:] = self.stream_handlers
+        try:
+            if self.client is not None:
+                client, self.client = self.client, None
+                client.close()
+        finally:
+            try:
+                if self.cluster is not None:
+                    cluster, self.cluster = self.cluster, None
+                    cluster.close()
+            finally:
+                if self.log_handler is not None:
+                    logger = logging.getLogger("distributed")
+                    logger.handlers[:], logger.propagate = self.logged_before
+                    self.log_handler.close()
+                    self.log_handler = None
 
     def _log_to_file(self) -> None:
         """With a log folder (the CLI's output), distributed's own log lines (a lost
@@ -128,7 +136,7 @@ class DaskEngine(Engine):
         if self.log_dir is None:
             return
         logger = logging.getLogger("distributed")
-        self.stream_handlers = list(logger.handlers)
+        self.logged_before = list(logger.handlers), logger.propagate
         self.log_handler = logging.FileHandler(Path(self.log_dir) / "dask.log")
         self.log_handler.setFormatter(logging.Formatter(
             "%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -141,18 +149,23 @@ class DaskEngine(Engine):
 
     def _lost(self, exc: BaseException, label: str) -> EngineLost | None:
         """The cluster's own failures, as one line with its address (None: not one)."""
+        connection_gone = self.client is None or self.client.status != "running"
         if isinstance(exc, CancelledError):  # distributed's Future(s)CancelledError
-            if "scheduler-connection-lost" in str(exc) or self.client.status != "running":
+            if "scheduler-connection-lost" in str(exc) or connection_gone:
                 return EngineLost(f"lost the Dask scheduler at {self.address} during "
                                   f"{label}: its connection closed")
-            reason = str(exc).split("reason:")[-1].splitlines()[0].strip().rstrip(".")
-            return EngineLost(f"the Dask cluster at {self.address} dropped {label}'s tasks "
-                              f"({reason}): its workers went away")
+            # the scheduler cancels tasks whose inputs (scattered values) died with the
+            # last workers holding them ("already forgotten")
+            return EngineLost(f"the Dask cluster at {self.address} lost {label}'s tasks: "
+                              f"the workers holding their inputs went away")
         if isinstance(exc, KilledWorker):
-            deaths = dask.config.get("distributed.scheduler.allowed-failures") + 1
-            return EngineLost(f"Dask workers kept dying during {label}: a task was running "
-                              f"on each of {deaths} workers that died (KilledWorker), at "
-                              f"{self.address}")
+            return WorkersKeptDying(
+                f"Dask workers kept dying during {label}: a task was running on each of "
+                f"{exc.allowed_failures + 1} workers that died (KilledWorker), at "
+                f"{self.address}")
+        if isinstance(exc, OSError) and connection_gone:  # a scatter, say, mid-loss
+            return EngineLost(f"lost the Dask scheduler at {self.address} during {label}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'connection lost'}")
         return None
 
     def worker_pids(self):
@@ -172,6 +185,29 @@ class DaskEngine(Engine):
         return facts
 
     def map(self, kernel, partitions, shared, label):
+        futures = []
+        try:
+            outputs, tasks = self._run(kernel, partitions, shared, label, futures)
+        except BaseException as exc:
+            lost = self._lost(exc, label)
+            try:
+                if futures and self.client is not None:
+                    self.client.cancel(futures)  # a failed step leaves nothing running
+            except Exception:
+                if lost is None:
+                    raise
+            if lost is not None:
+                raise lost from exc
+            raise
+        results = [None] * len(partitions)
+        for task, task_outputs in zip(tasks, outputs):
+            for i, out in zip(task, task_outputs):
+                results[i] = out
+        return results
+
+    def _run(self, kernel, partitions, shared, label, futures: list):
+        """The step's tasks, submitted (into `futures`, for `map` to cancel) and waited
+        for: (their outputs, the fragments of each)."""
         # Shared values go to every worker once (Dask's broadcast), in one round trip.
         names = list(shared)
         shared_futures = dict(zip(names, self.client.scatter(
@@ -184,28 +220,11 @@ class DaskEngine(Engine):
         n_tasks = min(len(partitions), self.tasks_per_worker * self.threads)
         tasks = [list(range(i, len(partitions), n_tasks)) for i in range(n_tasks)]
         # pure=False: every call really runs; nothing is served from an earlier result.
-        futures = self.client.map(_run_fragments, [[partitions[i] for i in t] for t in tasks],
-                                  kernel=kernel, pure=False,
-                                  key=f"{label}-{uuid.uuid4().hex[:8]}", **shared_futures)
-        try:
-            self._wait(futures, label)
-            outputs = self.client.gather(futures)  # raises the first kernel error
-        except BaseException as exc:
-            lost = self._lost(exc, label)
-            try:
-                self.client.cancel(futures)  # a failed step leaves nothing running
-            except Exception:
-                if lost is None:
-                    raise
-            if lost is not None:
-                raise lost from None
-            raise
-        results = [None] * len(partitions)
-        for task, task_outputs in zip(tasks, outputs):
-            for i, out in zip(task, task_outputs):
-                results[i] = out
-        return results
-
+        futures += self.client.map(_run_fragments, [[partitions[i] for i in t] for t in tasks],
+                                   kernel=kernel, pure=False,
+                                   key=f"{label}-{uuid.uuid4().hex[:8]}", **shared_futures)
+        self._wait(futures, label)
+        return self.client.gather(futures), tasks
 
     def _wait(self, futures, label) -> None:
         """Until every task has finished (the first error raised at once): the client
@@ -226,21 +245,25 @@ class DaskEngine(Engine):
                                      f"worker for {self.no_workers_timeout:.0f} s during "
                                      f"{label}") from None
                 continue
-            for future in done:
-                if future.status != "finished":
+            for future in futures:  # in submission order: the same error each time
+                if future in done and future.status != "finished":
                     future.result()  # re-raises the kernel's (or the cluster's) error here
             self._report(label, len(futures) - len(pending), len(futures))
 
 
 class _LogToFile(distributed.WorkerPlugin):
-    """In each worker of the local cluster (one restarted after a death too): its log
-    lines (a task's failure, say) go to the engine's log file, not to the stderr it
-    inherited from the CLI."""
+    """In each worker of the local cluster (one restarted after a death too): what it
+    prints and logs (a task's failure, a kernel's warning) goes to the engine's log file,
+    not to the terminal whose stderr it inherited from the CLI."""
 
     def __init__(self, path: str):
         self.path = path
 
     def setup(self, worker):
+        log = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        for fd in (1, 2):
+            os.dup2(log, fd)
+        os.close(log)
         handler = logging.FileHandler(self.path)
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s worker {worker.name} %(name)s %(levelname)s: %(message)s"))

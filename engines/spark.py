@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import pyspark  # noqa: F401  (missing: the registry says "pip install '.[spark]'")
 
-from pipelines.errors import EngineLost, EngineUnavailable
+from pipelines.errors import DiskFull, EngineLost, EngineUnavailable, WorkersKeptDying
 
 from .base import RECORDED_PACKAGES, Engine, native, package_versions
 
@@ -286,42 +286,66 @@ class SparkEngine(Engine):
 
     def close(self):
         if self.session is not None:
-            if self.jvm_exit() is None:
-                self.session.stop()
-            else:  # nothing to stop there; forget the session this process kept
-                from pyspark import SparkContext
-                from pyspark.sql import SparkSession
-
-                if getattr(self.sc, "_accumulatorServer", None):
-                    # its thread says the JVM's connection ended: now, not at exit
-                    self.sc._accumulatorServer.shutdown()
-                SparkContext._active_spark_context = None
-                SparkSession._instantiatedSession = SparkSession._activeSession = None
+            try:
+                if self.jvm_exit() is None:
+                    self.session.stop()
+            except Exception:
+                if self.jvm_exit(wait=5) is None:
+                    raise
+            if self.jvm_exit() is not None:
+                self._forget_dead_session()
             self.session = None
             self.sc = None
             _stop_local_jvm()
 
-    def jvm_exit(self) -> int | None:
-        """The driver JVM's exit status once it has died (None: alive, or not ours)."""
+    def _forget_dead_session(self) -> None:
+        """Nothing to stop in a dead JVM: forget the session this process keeps."""
+        from pyspark import SparkContext
+        from pyspark.sql import SparkSession
+
+        if getattr(self.sc, "_accumulatorServer", None):
+            # its thread says the JVM's connection ended: now, not at exit
+            self.sc._accumulatorServer.shutdown()
+        SparkContext._active_spark_context = None
+        SparkSession._instantiatedSession = SparkSession._activeSession = None
+
+    def jvm_exit(self, wait: float = 0.0) -> int | None:
+        """The driver JVM's exit status once it has died (None: alive, or not ours);
+        `wait`: seconds to give a JVM whose connection just closed to be reaped (its
+        sockets close a moment before its parent can see it has exited)."""
         proc = getattr(getattr(self.sc, "_gateway", None), "proc", None)
-        return proc.poll() if proc is not None else None
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=wait) if wait else proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
 
     def _failure(self, exc: BaseException, label: str, watcher) -> Exception:
         """A failed job as one line: the engine lost (its JVM, its cluster, its Python
-        workers dying over and over), else Spark's own first error line."""
-        status = self.jvm_exit()
+        workers dying over and over), a full disk under Spark's scratch files, else
+        Spark's own first error line."""
+        from py4j.protocol import Py4JJavaError
+
+        # an error from Java itself: the JVM lives; any other (the connection): it may not
+        status = self.jvm_exit(wait=0 if isinstance(exc, Py4JJavaError) else 5)
         if status is not None:
             pid = self.sc._gateway.proc.pid
             return EngineLost(f"Spark's JVM (pid {pid}) died during {label} (exit status "
                               f"{status})")
-        if watcher.lost:
+        if watcher is not None and watcher.lost:
             return EngineLost(f"lost the Spark cluster at {self.master} during {label}: "
                               f"no executor for {self.no_executors_timeout:.0f} s")
         text = str(exc)
         if "Python worker exited unexpectedly" in text:
-            return EngineLost(f"Spark's Python workers kept dying during {label} (each of "
-                              f"{self.task_attempts} attempts of a task): "
-                              f"{_first_line(exc)}")
+            tries = re.search(r"failed (\d+) times", text)
+            return WorkersKeptDying(
+                f"Spark's Python workers kept dying during {label}: a task's worker exited "
+                f"unexpectedly on each of its "
+                f"{tries.group(1) if tries else self.task_attempts} attempts")
+        if "No space left on device" in text:  # Spark's own files: shuffle, spills
+            return DiskFull(f"Spark's scratch space (spark.local.dir, default /tmp) during "
+                            f"{label}: No space left on device")
         return RuntimeError(f"Spark failed in {label}: {_first_line(exc)}")
 
     def worker_pids(self):
@@ -368,8 +392,9 @@ class SparkEngine(Engine):
         # biggest fragments first, and each partition gets a mix.
         dealt = [[(i, partitions[i]) for i in range(p, len(partitions), n)]
                  for p in range(n)]
-        rdd = self.sc.parallelize(dealt, n).flatMap(lambda fragments: fragments)
-        keyed = self._collect(rdd, kernel, shared, label)
+        keyed = self._collect(
+            lambda: self.sc.parallelize(dealt, n).flatMap(lambda fragments: fragments),
+            kernel, shared, label)
         return [keyed[i] for i in range(len(partitions))]
 
     def run_step(self, step, state, ctx):
@@ -384,29 +409,34 @@ class SparkEngine(Engine):
         groups -> the suite's kernel, every stage in the workers."""
         shuffle = plan.shuffle
         n = self.partitions(len(plan.partitions))
-        records = self.sc.parallelize(list(enumerate(shuffle.records)), n)
-        groups = (records.flatMap(functools.partial(_emit_indexed, emit=shuffle.emit))
-                  .groupByKey(n)
-                  .map(functools.partial(_make_group, make=shuffle.make)))
+
+        def groups():
+            records = self.sc.parallelize(list(enumerate(shuffle.records)), n)
+            return (records.flatMap(functools.partial(_emit_indexed, emit=shuffle.emit))
+                    .groupByKey(n)
+                    .map(functools.partial(_make_group, make=shuffle.make)))
         keyed = self._collect(groups, step.kernel, plan.shared, step.name)
         return plan.combine([keyed[key] for key in sorted(keyed)])
 
     def _collect(self, pairs, kernel, shared, label) -> dict:
-        """mapValues(kernel) over a pair RDD of fragments, collected as {key: result};
-        the first kernel error is raised here as itself."""
-        broadcast = self.sc.broadcast(shared)
+        """mapValues(kernel) over a pair RDD of fragments (made by `pairs()`), collected
+        as {key: result}; the first kernel error is raised here as itself, Spark's own
+        failures (the JVM's too, at any call) as one line (`_failure`)."""
         group = f"{label}-{uuid.uuid4().hex[:8]}"
-        self.sc.setJobGroup(group, label)
-        watcher = _JobWatcher(self, group, label)
+        broadcast = watcher = None
         try:
-            results = (pairs.mapValues(functools.partial(_run_kernel, kernel=kernel,
-                                                         shared=broadcast))
+            broadcast = self.sc.broadcast(shared)
+            self.sc.setJobGroup(group, label)
+            watcher = _JobWatcher(self, group, label)
+            results = (pairs().mapValues(functools.partial(_run_kernel, kernel=kernel,
+                                                           shared=broadcast))
                        .collect())
         except Exception as exc:
-            raise self._failure(exc, label, watcher) from None
+            raise self._failure(exc, label, watcher) from exc
         finally:
-            watcher.stop()
-            if self.jvm_exit() is None:
+            if watcher is not None:
+                watcher.stop()
+            if self.jvm_exit() is None and broadcast is not None:
                 self.failed_tasks += _failed_attempts(self.sc, group)
                 broadcast.destroy()
         failures = [(k, r) for k, r in results if isinstance(r, KernelFailed)]

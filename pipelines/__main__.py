@@ -14,8 +14,9 @@ images, the CCD files made of them); both write run.json
 the engine are one line on stderr and exit status 2 (README, "When things go wrong", has
 every status). Stderr is this command's progress and errors only (none with --quiet): an
 engine's own processes log to a file in the output directory (Spark's JVM: spark.log;
-what the engines' threads print: driver.log), named in run.json; --debug shows all of it,
-and the traceback of an error, on stderr instead.
+Dask: dask.log; what this process's threads print: driver.log), named in run.json;
+--debug leaves this process's output on stderr, adds an error's traceback, and keeps a
+failed run's folder with those logs.
 """
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="replace an earlier run's --out folder whole")
         parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
         parser.add_argument("--debug", action="store_true",
-                            help="on stderr, what the engine prints and an error's traceback "
-                                 "(otherwise: one line, and the engine's output in OUT's "
-                                 "logs)")
+                            help="an error's traceback, this process's own output on "
+                                 "stderr, and a failed run's folder kept with the engines' "
+                                 "logs (otherwise: one line)")
     return p
 
 
@@ -207,16 +208,22 @@ def put_in_place(staging: Path, out: Path) -> None:
 
 
 def execute(args) -> dict:
-    """The run, written into a staging folder that becomes --out when it succeeded."""
+    """The run, written into a staging folder that becomes --out when it succeeded; a
+    failed run's is removed (with --debug, kept: its engines' logs)."""
     final_out = args.out
-    args.out = staged(args)
+    args.out = args.staging = staged(args)
     args.final_out = final_out
+    succeeded = False
     try:
         run = execute_in(args)
         put_in_place(args.out, final_out)
+        succeeded = True
         return run
     finally:
-        shutil.rmtree(args.out, ignore_errors=True)  # what a failed run left: nothing
+        if not succeeded and args.debug:
+            print(f"kept the failed run's folder: {args.out}", file=sys.stderr)
+        else:
+            shutil.rmtree(args.out, ignore_errors=True)  # what a failed run left: nothing
         args.out = final_out
 
 
@@ -367,12 +374,15 @@ def main(argv=None) -> int:
         if isinstance(exc, EngineLost):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ENGINE_LOST
+        # a file of the run is named where it would have been, in --out
+        staging = str(getattr(args, "staging", args.out))
         if isinstance(exc, DiskFull):
-            print(f"error: disk full: {exc}", file=sys.stderr)
+            print(f"error: disk full: {str(exc).replace(staging, str(args.out))}",
+                  file=sys.stderr)
             return EXIT_DISK_FULL
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            print(f"error: disk full: {exc.filename or args.out}: {exc.strerror}",
-                  file=sys.stderr)
+            where = str(exc.filename or args.out).replace(staging, str(args.out))
+            print(f"error: disk full: {where}: {exc.strerror}", file=sys.stderr)
             return EXIT_DISK_FULL
         raise
     print(f"wrote {', '.join(run['outputs'])} to {args.out} in {run['total_seconds']} s")

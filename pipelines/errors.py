@@ -20,6 +20,11 @@ class EngineLost(RuntimeError):
     """An engine's cluster, JVM or workers went away mid-run: what, and its address."""
 
 
+class WorkersKeptDying(EngineLost):
+    """A task killed every worker it ran on, over the engine's retries; the engine itself
+    lives on (its workers replaced), so only this step is lost."""
+
+
 class DiskFull(OSError):
     """A run's outputs do not fit where they are written: the path, and the bytes."""
 
@@ -36,13 +41,18 @@ def allocate(fh, size: int, shown_as=None) -> None:
     """Reserve the first `size` bytes of the open file `fh` for real (not sparse) before
     it is written: a full disk is then DiskFull here, naming the file (`shown_as`, else
     its own name) and its size, instead of a bus error behind a memory map or a
-    half-written file. A filesystem without fallocate: a sparse file, as before."""
+    half-written file. A system or filesystem without fallocate: a sparse file."""
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        fh.truncate(size)
+        return
     try:
         os.posix_fallocate(fh.fileno(), 0, size)
     except OSError as exc:
-        if exc.errno not in DISK_FULL_ERRNOS:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             fh.truncate(size)
             return
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
         fh.close()
         Path(fh.name).unlink(missing_ok=True)
         raise DiskFull(f"{shown_as or fh.name}: no room for its {size_text(size)} "

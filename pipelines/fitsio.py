@@ -9,13 +9,14 @@ Files are written uncompressed so workers can memory-map the rows or cut-outs th
 """
 from __future__ import annotations
 
-import io
+import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import DISK_FULL_ERRNOS, DiskFull, InputError, size_text
 
 PLANES = ("IMAGE", "MASK", "VARIANCE")
 # The LSST stack's mask planes; a file's own MASKBIT<n> keywords take precedence.
@@ -95,20 +96,42 @@ def write_planes(path: Path, primary_header, planes: dict[str, tuple]) -> Path:
 
 
 def write_hdus(path: Path, hdul) -> Path:
-    """Write a FITS file whole: made in memory, its bytes allocated on disk, then written
-    (a full disk is DiskFull with the path and the size; astropy writing to disk itself
-    would say "32768 requested and 3120 written" and drop the errno), under a temporary
-    name renamed at the end, so readers never see a half-written file (a retried task
-    rewrites it)."""
-    from pipelines.errors import allocate
-
+    """Write a FITS file whole, under a temporary name renamed at the end, so readers
+    never see a half-written file (a retried task rewrites it). A full disk is DiskFull,
+    one line with the path and the size: astropy re-raises a failed write without its
+    errno, and NumPy reports a short one as "32768 requested and 3120 written"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    made = io.BytesIO()
-    hdul.writeto(made)
     tmp = path.with_suffix(".tmp.fits")
-    with open(tmp, "wb") as fh:
-        allocate(fh, made.getbuffer().nbytes, shown_as=path)
-        fh.write(made.getbuffer())
+    try:
+        hdul.writeto(tmp, overwrite=True)
+    except OSError as exc:
+        why = _out_of_room(exc, tmp)
+        tmp.unlink(missing_ok=True)
+        if why is None:
+            raise
+        size = sum(hdu.filebytes() for hdu in hdul)
+        raise DiskFull(f"{path}: no room for its {size_text(size)} ({why})") from exc
     tmp.replace(path)
     return path
+
+
+def _out_of_room(exc: BaseException, written) -> str | None:
+    """Why a failed write ran out of room (None: it did not): a full disk's errno in the
+    exception's chain, or, after a short write, the errno one more byte at the end of
+    the file gets (the disk, or the file-size limit, says what stopped it)."""
+    seen = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) in DISK_FULL_ERRNOS:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    if not re.search(r"\d+ requested and \d+ written", str(exc)):
+        return None
+    try:
+        with open(written, "ab") as fh:
+            fh.write(b"\0")
+            fh.flush()
+    except OSError as probe:
+        if probe.errno in DISK_FULL_ERRNOS:
+            return os.strerror(probe.errno)
+    return "a write was cut short"

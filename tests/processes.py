@@ -49,33 +49,81 @@ def run_step_tests_on_tiny(*engine_args: str) -> str:
     return proc.stdout
 
 
-def cli_denoising(engine_args, out, dataset: str = "phantom-small"):
-    """`python -m pipelines neuro` on `dataset` with ~17x the denoising work, started in
-    its own process group (as a terminal starts a command) and returned once denoising
-    has begun (its stderr read up to there), for a test to interrupt or break."""
-    import sys
-    from pathlib import Path
+class CliRun:
+    """`python -m pipelines ...` started in its own process group (as a terminal starts a
+    command), its stderr read by a thread, so that no wait on it can hang a test: one
+    that outlives its timeout is killed whole."""
 
+    def __init__(self, args, timeout: float = 300):
+        import queue
+        import sys
+        import threading
+        from pathlib import Path
+
+        self.timeout = timeout
+        self.lines = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", *args], cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)  # the pipe closed
+
+    def wait_for(self, prefix: str) -> None:
+        """Until a stderr line starts with `prefix`."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"no {prefix!r} on stderr in {self.timeout} s") from None
+            if line is None:
+                raise AssertionError(f"the run ended ({self.proc.wait()}) before {prefix!r}")
+            if line.startswith(prefix):
+                return
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        """The exit status and the rest of stderr (what came within a few seconds of the
+        exit: a process left behind holding the pipe does not hang the test)."""
+        import queue
+
+        try:
+            status = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the run did not end within {timeout} s") from None
+        text = []
+        while True:
+            try:
+                line = self.lines.get(timeout=10)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            text.append(line)
+        return status, "".join(text)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def cli_denoising(engine_args, out, dataset: str = "phantom-small") -> CliRun:
+    """`python -m pipelines neuro` on `dataset` with ~17x the denoising work, returned
+    once denoising has begun, for a test to interrupt or break."""
     from fixtures.datasets import load_dataset
 
     load_dataset(dataset)  # made (cached) outside the wait
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "neuro", *engine_args, "--workers", "2",
-         "--dataset", dataset, "--param", "patch_radius=2", "--param", "block_radius=8",
-         "--out", str(out)], cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in proc.stderr:
-        if line.startswith("noise_sigma: "):  # denoising starts now
-            return proc
-    raise AssertionError(f"the run ended before denoising: {proc.wait()}")
-
-
-def finish(proc, timeout: float = 120) -> tuple[int, str]:
-    """The exit status and the rest of stderr of a `cli_denoising` run; killed whole if
-    it outlives `timeout`."""
-    try:
-        after = proc.stderr.read()
-        return proc.wait(timeout=timeout), after
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    run = CliRun(["neuro", *engine_args, "--workers", "2", "--dataset", dataset,
+                  "--param", "patch_radius=2", "--param", "block_radius=8",
+                  "--out", str(out)])
+    run.wait_for("noise_sigma: ")  # denoising starts now
+    return run

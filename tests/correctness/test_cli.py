@@ -111,7 +111,10 @@ def test_cli_debug_adds_the_traceback(tmp_path):
                            "survey-tiny", "--debug", "--out", str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("Traceback (most recent call last):\n"), proc.stderr
+    kept = list(tmp_path.glob(".out.partial-*"))  # the failed run's folder, for its logs
+    assert len(kept) == 1 and kept[0].is_dir() and not (tmp_path / "out").exists()
+    assert proc.stderr.startswith(f"kept the failed run's folder: {kept[0]}\nTraceback (most "
+                                  f"recent call last):\n"), proc.stderr
     assert proc.stderr.endswith("\nerror: survey-tiny is a dataset of the astro pipeline\n")
 
 
@@ -415,18 +418,18 @@ def test_ctrl_c_mid_step_is_one_line_and_leaves_nothing(engine, tmp_path):
 
     import psutil
 
-    from tests.processes import cli_denoising, finish
+    from tests.processes import cli_denoising
 
     engine.check_implements(neuro.STEPS)
     engine.check_params(neuro.STEPS, neuro.NeuroParams(patch_radius=2, block_radius=8))
     out = tmp_path / "out"
-    proc = cli_denoising(["--engine", engine.name], out)
+    run = cli_denoising(["--engine", engine.name], out)
     try:
         time.sleep(2.0)
-        started = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGINT)
+        started = psutil.Process(run.proc.pid).children(recursive=True)
+        os.killpg(run.proc.pid, signal.SIGINT)
     finally:
-        status, after = finish(proc)
+        status, after = run.finish()
     assert status == 130, after[-3000:]
     assert after == "interrupted\n", after[-3000:]
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -69,3 +69,18 @@ def test_step_survives_a_killed_worker(engine, tmp_path):
         assert result.extra["retried_tasks"] >= 1
     # The engine still has its workers for the steps after this one.
     assert engine.worker_pids()
+
+
+def test_a_task_that_kills_every_worker_it_runs_on_is_one_line(engine):
+    """A worker that dies for good: a task whose every attempt kills the process running
+    it (here os._exit) ends the step in one line, EngineLost, after the engine's own
+    retries; the engine, its workers replaced, still runs the next step."""
+    import os
+
+    from pipelines.errors import EngineLost
+
+    if not engine.worker_pids():
+        pytest.skip(f"{engine.name} has no worker process here to kill")
+    with pytest.raises(EngineLost, match=r"kept dying during exit"):
+        engine.map(os._exit, [3], {}, "exit")
+    assert engine.map(abs, [-2.5, 3.5], {}, "abs") == [2.5, 3.5]

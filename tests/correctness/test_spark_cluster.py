@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import cli_denoising, finish, free_port, run_step_tests_on_tiny, stop
+from tests.processes import cli_denoising, free_port, run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 WORKERS = 2
@@ -113,12 +113,15 @@ def test_unreachable_master_is_one_line(tmp_path):
     assert time.monotonic() - start < 30
 
 
-def kill_soon(procs, after: float = 1.0):
+def kill_soon(procs, after: float = 1.0) -> threading.Thread:
+    """Kills `procs` (their process groups) `after` seconds from now; join it."""
     def kill():
         time.sleep(after)
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
-    threading.Thread(target=kill, daemon=True).start()
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    return killer
 
 
 def test_a_running_step_outlives_its_master(spark_cluster):
@@ -128,11 +131,12 @@ def test_a_running_step_outlives_its_master(spark_cluster):
 
     master, _, procs = spark_cluster
     engine = SparkEngine(master=master, executor_memory="1g").start()
+    killer = kill_soon(procs[:1])
     try:
-        kill_soon(procs[:1])
         assert engine.map(abs, [-1.5, -2.5, 3.5, -4.5], {}, "abs") == [1.5, 2.5, 3.5, 4.5]
         assert engine.map(time.sleep, [2.0] * 4, {}, "sleep") == [None] * 4
     finally:
+        killer.join()
         engine.close()
 
 
@@ -144,14 +148,15 @@ def test_a_cluster_lost_mid_step_is_one_line(spark_cluster):
 
     master, _, procs = spark_cluster
     engine = SparkEngine(master=master, executor_memory="1g", no_executors_timeout=5).start()
+    killer = kill_soon(procs)
     try:
-        kill_soon(procs)
         started = time.monotonic()
         with pytest.raises(EngineLost, match=rf"lost the Spark cluster at {master} during "
                                              rf"sleep: no executor for 5 s"):
             engine.map(time.sleep, [60.0] * 4, {}, "sleep")
         assert time.monotonic() - started < 40
     finally:
+        killer.join()
         engine.close()
 
 
@@ -162,15 +167,15 @@ def test_a_killed_jvm_is_one_line(tmp_path):
 
     spark_runnable()
     out = tmp_path / "out"
-    proc = cli_denoising(["--engine", "spark"], out)
+    run = cli_denoising(["--engine", "spark"], out)
     try:
         time.sleep(1.0)
-        started = psutil.Process(proc.pid).children(recursive=True)
+        started = psutil.Process(run.proc.pid).children(recursive=True)
         jvm = [p for p in started if p.name() == "java"]
         assert len(jvm) == 1, [p.cmdline()[:2] for p in started]
         jvm[0].kill()
     finally:
-        status, after = finish(proc)
+        status, after = run.finish()
     assert status == 3, after[-3000:]
     assert re.fullmatch(rf"error: Spark's JVM \(pid {jvm[0].pid}\) died during denoise "
                         rf"\(exit status -9\)\n", after), after[-3000:]
