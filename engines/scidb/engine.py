@@ -155,7 +155,8 @@ class SciDBEngine(Engine):
 
     def _strings(self, query: str) -> list[str]:
         self.shim.execute(query, save="(string null)")
-        return [s for s in binary.decode_strings(self.shim.read_bytes()) if s is not None]
+        cells = binary.decode(self.shim.read_bytes(), binary.Format.parse("(string null)"))
+        return [s for s in cells["a0"] if s is not None]
 
     def _volume_cells(self, array: str, attribute: str, shape) -> np.ndarray:
         text, fmt = afl.fetch_volume(array, attribute)
