@@ -334,6 +334,26 @@ def test_afl_literals_and_schemas():
         "project(between(t, 1, 2, null, 1, 2, null), p, rows)", "(int64 null, binary null)")
 
 
+def test_the_engine_reads_each_answer_back_as_binary():
+    """A stream's answers as SciDB saves them: where they are (instance, chunk), then each
+    one's typed columns, nullable as stream() makes them (a 0xFF byte before a value)."""
+    class Answering(RecordingShim):
+        replies = [binary.encode({"i": [0, 1], "c": [0, 0]},
+                                 binary.Format.parse("(int64, int64)", "ic"))]
+        replies += [b"\xff" + struct.pack("<q", p) + b"\xff" + struct.pack("<I", len(rows))
+                    + rows for p, rows in ((1, b"\x00\x01"), (0, b""))]
+
+        def read_bytes(self):
+            return self.replies.pop(0)
+
+    engine = SciDBEngine(url="http://scidb.example:8080")
+    engine.shim, engine.token = Answering(), "t"
+    found = engine._stream("coadds", "detect", {})
+    assert found["p"].tolist() == [1, 0] and found["rows"].tolist() == [b"\x00\x01", b""]
+    assert engine.shim.sent[-1] == "project(between(iab_t_detect_0, 1, 0, null, 1, 0, " \
+        "null), p, rows)  -- save (int64 null, binary null)"
+
+
 def test_without_a_server_the_engine_says_how_to_give_one():
     with pytest.raises(EngineUnavailable, match=r"no SciDB server given: --scidb-url "):
         SciDBEngine().start()
