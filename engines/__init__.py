@@ -77,7 +77,7 @@ ENGINES = {
         Option("--spark-partitions-per-core", "partitions_per_core", "RDD partitions per "
                "Spark core for a step (default 1, the study's best)", metavar="N", type=int),
     )),
-    "scidb": Entry("engines.scidb", "SciDBEngine", None, (
+    "scidb": Entry("engines.scidb", "SciDBEngine", "scidb", (
         Option("--scidb-url", "url", "run the SciDB engine on this server's shim service "
                "(http://host:8080; credentials from SCIDB_USER/SCIDB_PASSWORD and "
                "SHIM_USER/SHIM_PASSWORD); without it the engine is skipped", metavar="URL"),

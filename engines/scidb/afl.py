@@ -7,7 +7,9 @@ Arrays are dense, one attribute, dimensions in the suite's axis order; a DWI is
 and results come out as binary (`save` formats of engines.scidb.binary). Where SciDB has
 the operator, the step is AFL alone (the b0 mean: `filter` + `aggregate`); where it does
 not, `stream()` runs engines.scidb.stream_child, the suite's own kernels, on each chunk,
-with the coordinates `apply()`d as attributes (only attributes travel).
+in the plugin's Feather format: the coordinates `apply()`d as attributes (only
+attributes travel) and the values cast to double or int64 (the only numbers it sends);
+the children's answers are typed arrays, read back as binary.
 
 The astronomy arrays (`Cells`) are stacks of planes keyed as the study keyed its work, one
 member per chunk: CCDs `[ccd; y; x]` (calibrate), calexps shuffled to `[part; ccd; y; x]`
@@ -105,17 +107,37 @@ def mean_b0(dwi: Series, b0_index, target: str) -> str:
            f"{target})"
 
 
-def stream(source: str, command: str, target: str) -> str:
-    """Run `command` on each chunk of `source` (TSV exchange), its answers kept in
-    `target` (one string per answer)."""
-    return f"store(stream({source}, {quote(command)}), {target})"
+def stream(source: str, command: str, target: str, answer) -> str:
+    """Run `command` on each chunk of `source` (Feather exchange), its answers, columns
+    `answer` ((name, type) each), kept in `target`:
+    <name: type, ...>[instance_id, chunk_no, value_no], an answer per chunk_no."""
+    def group(items):
+        items = [quote(i) for i in items]
+        return items[0] if len(items) == 1 else "(" + ",".join(items) + ")"
+
+    return f"store(stream({source}, {quote(command)}, format:'feather', " \
+           f"types:{group(t for _, t in answer)}, names:{group(n for n, _ in answer)}), " \
+           f"{target})"
+
+
+# SciDB type -> the type stream()'s Feather exchange sends it as (int64, double, string,
+# binary only: Paradigm4/stream src/FeatherInterface.cpp writeFeather)
+SENT_AS = {"float": "double", "double": "double", "int32": "int64", "int64": "int64"}
+
+
+def sent(attribute: str, kind: str) -> str:
+    """`apply()` arguments making `attribute` (of SciDB type `kind`) `<attribute>64`, the
+    type the Feather exchange sends it as."""
+    return f"{attribute}64, {SENT_AS[kind]}({attribute})"
 
 
 def with_coordinates(source: str, four_d: bool) -> str:
     """The cells' coordinates as leading attributes, as the stream child reads them."""
     if four_d:
-        return f"project(apply({source}, k, vol, xi, x, yi, y, zi, z), k, xi, yi, zi, v)"
-    return f"project(apply({source}, xi, x, yi, y, zi, z), xi, yi, zi, mean_b0)"
+        return f"project(apply({source}, k, vol, xi, x, yi, y, zi, z, {sent('v', 'float')})" \
+               f", k, xi, yi, zi, v64)"
+    return f"project(apply({source}, xi, x, yi, y, zi, z, {sent('mean_b0', 'float')}), " \
+           f"xi, yi, zi, mean_b064)"
 
 
 def with_mask(series: Series, mask: Volume) -> str:
@@ -123,8 +145,8 @@ def with_mask(series: Series, mask: Volume) -> str:
     mask chunked as the series is over x, y, z)."""
     joined = f"cross_join({series.name}, {mask.name}, {series.name}.x, {mask.name}.x, " \
              f"{series.name}.y, {mask.name}.y, {series.name}.z, {mask.name}.z)"
-    return f"project(apply({joined}, k, vol, xi, x, yi, y, zi, z, mi, iif(m, 1, 0)), " \
-           f"k, xi, yi, zi, v, mi)"
+    return f"project(apply({joined}, k, vol, xi, x, yi, y, zi, z, {sent('v', 'float')}, " \
+           f"mi, iif(m, 1, 0)), k, xi, yi, zi, v64, mi)"
 
 
 def rechunk(series: Series, block, target: str, volumes_per_chunk: int) -> Series:
@@ -138,15 +160,19 @@ def store_rechunked(series: Series, target: Series) -> str:
 
 
 def answer_positions(target: str) -> tuple[str, str]:
-    """(query, binary save format) listing a stream's answers: (instance, chunk) each
-    (stream's TSV output is <response:string>[instance_id; chunk_no])."""
-    return (f"project(apply({target}, ii, instance_id, ci, chunk_no), ii, ci)",
-            "(int64, int64)")
+    """(query, binary save format) listing a stream's answers: (instance, chunk) each,
+    from the first value of each (value_no 0)."""
+    return (f"project(apply(between({target}, null, null, 0, null, null, 0), ii, "
+            f"instance_id, ci, chunk_no), ii, ci)", "(int64, int64)")
 
 
-def answer(target: str, instance: int, chunk: int) -> str:
-    """One answer of a stream (read one at a time: a volume's cells each)."""
-    return f"project(between({target}, {instance}, {chunk}, {instance}, {chunk}), response)"
+def answer(target: str, instance: int, chunk: int, columns) -> tuple[str, str]:
+    """(query, binary save format) of one answer of a stream, its `columns` ((name,
+    type) each, nullable as stream() makes them) in value_no order (read one at a time:
+    a volume's cells each)."""
+    return (f"project(between({target}, {instance}, {chunk}, null, {instance}, {chunk}, "
+            f"null), {', '.join(n for n, _ in columns)})",
+            "(" + ", ".join(f"{t} null" for _, t in columns) + ")")
 
 
 # -- astronomy ----------------------------------------------------------------------------
@@ -194,11 +220,20 @@ def load_cells(target: Cells, path: str, count: int) -> str:
            f"{quote(path)}, -2, {quote(fmt)}), {target.name}), {target.name})"
 
 
-def coordinates(source: str, names, attrs) -> str:
-    """The cells' coordinates `names` as leading attributes (`<name>i`), then `attrs`."""
-    applied = ", ".join(f"{n}i, {n}" for n in names)
+def coordinates(source: str, names, attrs, applied=()) -> str:
+    """The cells' coordinates `names` as leading attributes (`<name>i`), then `attrs`
+    (which `applied`, more `apply()` arguments, may make)."""
+    made = ", ".join([f"{n}i, {n}" for n in names] + list(applied))
     kept = ", ".join([f"{n}i" for n in names] + list(attrs))
-    return f"project(apply({source}, {applied}), {kept})"
+    return f"project(apply({source}, {made}), {kept})"
+
+
+def stream_cells(cells: Cells) -> str:
+    """A stack's cells as stream() sends them to a child: every coordinate, then every
+    attribute in the type the Feather exchange sends it as."""
+    return coordinates(cells.name, [d for d, _, _ in cells.dims],
+                       [f"{n}64" for n in cells.names],
+                       [sent(n, t) for n, t in cells.attributes])
 
 
 def shuffle(ccds: Cells, assignment: Cells, target: Cells) -> str:

@@ -9,9 +9,11 @@ value bytes follow anyway, zero-filled. Strings are a uint32 length counting a t
 NUL, the UTF-8 bytes and the NUL. (SciDB docs, "Binary Files" and "Binary Format
 Strings"; SciDB 19.11 src/array/ArrayWriter.cpp and ChunkLoader.cpp.)
 
-Only fixed-size types are needed here (image values and their coordinates), so a format
-maps onto a packed numpy structured dtype and both directions are one `tobytes` /
-`frombuffer`.
+A variable-size entry (string, binary) is a uint32 byte count, then the bytes (a string's
+counting its NUL). Data goes in as fixed-size types only (image values and their
+coordinates): a format maps onto a packed numpy structured dtype, and both directions of
+those are one `tobytes` / `frombuffer`; the stream children's answers come back with
+binary columns too (a kernel's file, its catalog rows), read cell by cell.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ TYPES = {"bool": "?", "int8": "i1", "uint8": "u1", "int16": "<i2", "uint16": "<u
          "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8",
          "float": "<f4", "double": "<f8"}
 NUMPY_TO_SCIDB = {np.dtype(v).newbyteorder("<").str: k for k, v in TYPES.items()}
+VARIABLE = ("string", "binary")  # SciDB types of a uint32 count and that many bytes
 PRESENT = 0xFF  # the null byte of a value that is there
 
 
@@ -55,8 +58,14 @@ class Format:
         return "(" + ", ".join(f.format for f in self.fields) + ")"
 
     @property
+    def fixed(self) -> bool:
+        return all(f.type not in VARIABLE for f in self.fields)
+
+    @property
     def dtype(self) -> np.dtype:
         """The packed numpy dtype of one cell (a nullable field: (null byte, value))."""
+        if not self.fixed:
+            raise FormatError(f"{self.string}: string and binary cells have no fixed size")
         parts = []
         for f in self.fields:
             if f.nullable:
@@ -79,9 +88,10 @@ class Format:
         for name, entry in zip(names, entries):
             words = entry.split()
             nullable = words[1:] == ["null"]
-            if not words or words[0] not in TYPES or (len(words) > 1 and not nullable):
-                raise FormatError(f"{text!r}: {entry!r} is not a fixed-size SciDB type "
-                                  f"(known: {', '.join(TYPES)}), optionally 'null'")
+            known = (*TYPES, *VARIABLE)
+            if not words or words[0] not in known or (len(words) > 1 and not nullable):
+                raise FormatError(f"{text!r}: {entry!r} is not a SciDB type read here "
+                                  f"(known: {', '.join(known)}), optionally 'null'")
             fields.append(Field(name, words[0], nullable))
         return cls(tuple(fields))
 
@@ -104,7 +114,10 @@ def encode(columns: dict[str, np.ndarray], fmt: Format) -> bytes:
 
 def decode(buffer: bytes, fmt: Format) -> dict[str, np.ndarray]:
     """Columns from a buffer `save(..., fmt.string)` wrote; a null is NaN for a float
-    field and refused for any other (images have no nulls: one is a bug upstream)."""
+    field and refused for any other fixed-size one (images have no nulls: one is a bug
+    upstream); string and binary columns hold str / bytes objects, None for a null."""
+    if not fmt.fixed:
+        return _decode_cells(buffer, fmt)
     size = fmt.dtype.itemsize
     if len(buffer) % size:
         raise FormatError(f"{len(buffer)} bytes are not whole cells of {fmt.string} "
@@ -113,32 +126,49 @@ def decode(buffer: bytes, fmt: Format) -> dict[str, np.ndarray]:
     out = {}
     for f in fmt.fields:
         if not f.nullable:
-            out[f.name] = cells[f.name].astype(TYPES[f.type].replace("<", "="))
-            continue
-        values = cells[f.name]["value"].astype(TYPES[f.type].replace("<", "="))
-        null = cells[f.name]["null"] != PRESENT
-        if null.any():
-            if values.dtype.kind != "f":
-                raise FormatError(f"{f.name}: {int(null.sum())} null {f.type} cells")
-            values[null] = np.nan
-        out[f.name] = values
+            out[f.name] = _column(f, cells[f.name])
+        else:
+            out[f.name] = _column(f, cells[f.name]["value"], cells[f.name]["null"] != PRESENT)
     return out
 
 
-def decode_strings(buffer: bytes, nullable: bool = True) -> list[str | None]:
-    """The cells of a one-attribute `save(..., '(string null)')`: per cell the null byte
-    (if nullable), a uint32 length counting the trailing NUL, the UTF-8 bytes, the NUL."""
-    out, at, size = [], 0, len(buffer)
+def _column(f: Field, values: np.ndarray, null=None) -> np.ndarray:
+    values = values.astype(TYPES[f.type].replace("<", "="))
+    if null is not None and null.any():
+        if values.dtype.kind != "f":
+            raise FormatError(f"{f.name}: {int(null.sum())} null {f.type} cells")
+        values[null] = np.nan
+    return values
+
+
+def _decode_cells(buffer: bytes, fmt: Format) -> dict[str, np.ndarray]:
+    """A format with string or binary fields, cell by cell (answers are a few cells)."""
+    values = {f.name: [] for f in fmt.fields}
+    nulls = {f.name: [] for f in fmt.fields}
+    at, size = 0, len(buffer)
+
+    def take(n):
+        nonlocal at
+        if at + n > size:
+            raise FormatError(f"a cell of {fmt.string} cut short at byte {at} of {size}")
+        at += n
+        return buffer[at - n:at]
+
     while at < size:
-        present = True
-        if nullable:
-            present, at = buffer[at] == PRESENT, at + 1
-        if at + 4 > size:
-            raise FormatError(f"a string cell cut short at byte {at} of {size}")
-        length = int.from_bytes(buffer[at:at + 4], "little")
-        at += 4
-        if at + length > size:
-            raise FormatError(f"a string of {length} bytes at byte {at} of {size}")
-        out.append(buffer[at:at + max(length - 1, 0)].decode("utf-8") if present else None)
-        at += length
+        for f in fmt.fields:
+            null = f.nullable and take(1)[0] != PRESENT
+            if f.type in VARIABLE:
+                data = take(int.from_bytes(take(4), "little"))
+                value = data[:-1].decode("utf-8") if f.type == "string" else bytes(data)
+            else:
+                value = np.frombuffer(take(np.dtype(TYPES[f.type]).itemsize), TYPES[f.type])[0]
+            values[f.name].append(None if null and f.type in VARIABLE else value)
+            nulls[f.name].append(null)
+    out = {}
+    for f in fmt.fields:
+        if f.type in VARIABLE:
+            out[f.name] = np.array(values[f.name], dtype=object)
+        else:
+            out[f.name] = _column(f, np.array(values[f.name], dtype=TYPES[f.type]),
+                                  np.array(nulls[f.name], dtype=bool))
     return out

@@ -6,7 +6,8 @@ kernels, the compiled AFL against reviewed snapshots).
 
 Each step: the inputs the step needs are put into SciDB as binary (the DWI cached by file
 for the session), the step's AFL runs (engines/scidb/afl.py), its results come back: as
-binary from AFL, as the stream child's text answers (TSV exchange) from stream().
+binary from AFL and from stream() (its Feather exchange: the children's answers are
+typed arrays in SciDB).
 Arrays this engine makes are named `iab_<session>_<what>` and removed when it closes.
 Credentials come from the environment, never from the repository: SCIDB_USER and
 SCIDB_PASSWORD (SciDB's own), SHIM_USER and SHIM_PASSWORD (shim's HTTP digest).
@@ -28,7 +29,7 @@ from ..base import Engine, native
 from ..tolerances import FLOAT32_RTOL, FLOOR, Tolerance
 from . import afl, binary
 from .shim import Shim, ShimError
-from .stream_child import encode_args
+from .stream_child import ANSWERS, encode_args
 
 SUITE = Path(__file__).resolve().parents[2]
 # bash -c takes the stream command as one argument: Linux's MAX_ARG_STRLEN
@@ -110,11 +111,12 @@ class SciDBEngine(Engine):
             raise EngineUnavailable(
                 f"SciDB at {self.url}: stream() cannot run the suite's child with "
                 f"--scidb-python {self.python} in --scidb-suite {self.suite} (both are "
-                f"paths on the server; Python >= 3.11 with the suite's packages): "
-                f"{(exc.text.strip().splitlines() or [str(exc)])[0][:300]}") from None
-        if not answer or answer[0][0] != "ok":
+                f"paths on the server; Python >= 3.11 with the suite's packages and "
+                f"pyarrow): {(exc.text.strip().splitlines() or [str(exc)])[0][:300]}"
+            ) from None
+        if not len(answer["python"]):
             raise EngineUnavailable(f"SciDB at {self.url}: the suite's child answered "
-                                    f"{answer[:1]!r}, not 'ok'")
+                                    f"nothing to its probe")
 
     def close(self) -> None:
         if self.shim is None:
@@ -155,7 +157,8 @@ class SciDBEngine(Engine):
 
     def _strings(self, query: str) -> list[str]:
         self.shim.execute(query, save="(string null)")
-        return [s for s in binary.decode_strings(self.shim.read_bytes()) if s is not None]
+        cells = binary.decode(self.shim.read_bytes(), binary.Format.parse("(string null)"))
+        return [s for s in cells["a0"] if s is not None]
 
     def _volume_cells(self, array: str, attribute: str, shape) -> np.ndarray:
         text, fmt = afl.fetch_volume(array, attribute)
@@ -196,13 +199,17 @@ class SciDBEngine(Engine):
         self._upload(array, mask.astype(np.float32))
         return array
 
-    def _stream(self, source: str, step: str, args: dict) -> list[list[str]]:
-        """The stream child's answers (lines of tab-separated fields) for `source`."""
-        return [line for answer in self._answers(source, step, args) for line in answer]
+    def _stream(self, source: str, step: str, args: dict) -> dict[str, np.ndarray]:
+        """The stream child's answers for `source`, as one set of columns (ANSWERS)."""
+        answers = list(self._answers(source, step, args))
+        return {name: np.concatenate([a[name] for a in answers]) if answers
+                else np.array([], dtype=binary.TYPES.get(kind, object))
+                for name, kind in ANSWERS[step]}
 
     def _answers(self, source: str, step: str, args: dict):
-        """The stream child's answers for `source`, one at a time (an answer is a chunk's:
-        a volume's denoised cells; all of them at once would not fit the client)."""
+        """The stream child's answers for `source`, one at a time, each as its columns
+        (an answer is a chunk's: a volume's denoised cells; all of them at once would
+        not fit the client)."""
         command = (f"cd {shlex.quote(self.suite)} && {shlex.quote(self.python)} -u -m "
                    f"engines.scidb.stream_child {step} {encode_args(args)}")
         if len(command.encode()) >= MAX_COMMAND:
@@ -210,13 +217,15 @@ class SciDBEngine(Engine):
                                     f"{len(command) // 1024} KiB, over Linux's 128 KiB for "
                                     f"one argument (too many CCDs or patches for one step)")
         target = self._array(step)
-        self.shim.execute(afl.stream(source, command, target))
+        self.shim.execute(afl.stream(source, command, target, ANSWERS[step]))
         query, fmt = afl.answer_positions(target)
         self.shim.execute(query, save=fmt)
         where = binary.decode(self.shim.read_bytes(), binary.Format.parse(fmt, "ic"))
         for instance, chunk in zip(where["i"], where["c"]):
-            for text in self._strings(afl.answer(target, int(instance), int(chunk))):
-                yield [line.split("\t") for line in text.splitlines() if line]
+            query, fmt = afl.answer(target, int(instance), int(chunk), ANSWERS[step])
+            self.shim.execute(query, save=fmt)
+            yield binary.decode(self.shim.read_bytes(), binary.Format.parse(
+                fmt, [n for n, _ in ANSWERS[step]]))
 
     @staticmethod
     def _params(ctx) -> dict:
@@ -238,12 +247,11 @@ class SciDBEngine(Engine):
         mean_b0 = afl.Volume(self._array("mean_b0_in"), state["mean_b0"].shape, "mean_b0")
         self.shim.execute(afl.create(mean_b0))
         self._upload(mean_b0, state["mean_b0"])
-        lines = self._stream(afl.with_coordinates(mean_b0.name, four_d=False), "brain_mask",
-                             {"shape": list(mean_b0.shape), "params": self._params(ctx)})
+        voxels = self._stream(afl.with_coordinates(mean_b0.name, four_d=False),
+                              "brain_mask",
+                              {"shape": list(mean_b0.shape), "params": self._params(ctx)})
         mask = np.zeros(mean_b0.shape, dtype=bool)
-        if lines:
-            xyz = np.array(lines, dtype=np.int64)
-            mask[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
+        mask[voxels["x"], voxels["y"], voxels["z"]] = True
         return plan.combine([mask])
 
     @native("noise_sigma")
@@ -251,9 +259,9 @@ class SciDBEngine(Engine):
         dwi = self._series(state["dwi"], state["shape"], state["n_volumes"])
         if self.chunk is not None:  # the estimate is a whole volume's
             dwi = self._rechunked(dwi, dwi.shape, 1)
-        lines = self._stream(afl.with_coordinates(dwi.name, four_d=True), "noise_sigma",
+        found = self._stream(afl.with_coordinates(dwi.name, four_d=True), "noise_sigma",
                              {"shape": list(state["shape"]), "params": self._params(ctx)})
-        sigma = {int(k): float(s) for k, s in lines}
+        sigma = {int(k): float(s) for k, s in zip(found["vol"], found["sigma"])}
         return plan.combine([[sigma[k] for k in group] for _, group in plan.partitions])
 
     @native("denoise")
@@ -267,15 +275,12 @@ class SciDBEngine(Engine):
                                  "sigma": [float(s) for s in state["sigma"]]})
         out = plan.partitions[0][1]  # the plan made the output file
         written = set()
-        for answer in answers:  # a chunk's answer: one volume's cells
-            if not answer:
-                continue
-            cells = np.array(answer, dtype=np.float64)
-            for k in np.unique(cells[:, 0]).astype(np.int64):
-                mine = cells[cells[:, 0] == k]
+        for cells in answers:  # a chunk's answer: one volume's cells
+            for k in np.unique(cells["vol"]):
+                mine = cells["vol"] == k
                 volume = np.zeros(state["shape"], dtype=np.float32)
-                xyz = mine[:, 1:4].astype(np.int64)
-                volume[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = mine[:, 4]
+                volume[cells["x"][mine], cells["y"][mine], cells["z"][mine]] = \
+                    cells["v"][mine]
                 nifti.write_volume(out, int(k), volume)
                 written.add(int(k))
             self._report(step.name, len(written), state["n_volumes"])
@@ -291,17 +296,14 @@ class SciDBEngine(Engine):
         block = self.fit_block or tuple(ctx.partitioning.block)
         rechunked = self._rechunked(denoised, block, denoised.volumes)
         mask = self._mask(state["mask"], chunk=block)
-        lines = self._stream(afl.with_mask(rechunked, mask), "fit_tensor",
+        cells = self._stream(afl.with_mask(rechunked, mask), "fit_tensor",
                              {"params": self._params(ctx),
                               "bvals": np.asarray(state["bvals"]).tolist(),
                               "bvecs": np.asarray(state["bvecs"]).tolist()})
         fa = np.zeros(state["shape"], dtype=np.float32)
         md = np.zeros(state["shape"], dtype=np.float32)
-        if lines:
-            cells = np.array(lines, dtype=np.float64)
-            xyz = cells[:, :3].astype(np.int64)
-            fa[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = cells[:, 3]
-            md[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = cells[:, 4]
+        fa[cells["x"], cells["y"], cells["z"]] = cells["fa"]
+        md[cells["x"], cells["y"], cells["z"]] = cells["md"]
         return {"fa": fa, "md": md}
 
     # -- astronomy ----------------------------------------------------------------------
@@ -352,52 +354,45 @@ class SciDBEngine(Engine):
 
         return {"params": self._params(ctx), "skymap": dataclasses.asdict(state["skymap"])}
 
-    def _json_answers(self, source: str, step: str, args: dict, key: str,
-                      chunks: list) -> list[dict]:
-        """The child's answers, one JSON line per chunk, each chunk (its `key` numbers
-        `chunks`) answered, or EngineUnavailable naming the first one missing."""
-        import json
-
-        answers = [json.loads(line[0]) for line in self._stream(source, step, args)]
-        missing = sorted(set(range(len(chunks))) - {a[key] for a in answers})
+    def _rows(self, source: str, step: str, args: dict, key: str,
+              chunks: list) -> list[dict]:
+        """The child's answers, a row (column name -> value) per chunk, each chunk (its
+        `key` numbers `chunks`) answered, or EngineUnavailable naming the first one
+        missing."""
+        found = self._stream(source, step, args)
+        rows = [dict(zip(found, values)) for values in zip(*found.values())]
+        missing = sorted(set(range(len(chunks))) - {int(r[key]) for r in rows})
         if missing:
             raise EngineUnavailable(f"SciDB at {self.url}: {step} returned no answer for "
                                     f"{chunks[missing[0]]} ({len(missing)} missing)")
-        return answers
+        return rows
 
     def _keep_file(self, answer: dict, ctx) -> str | None:
         """The kernel's output file as the child sent it, written under the run folder."""
-        import base64
-
         if answer["name"] is None:
             return None
-        path = Path(ctx.workdir) / answer["name"]
+        path = Path(ctx.workdir) / answer["name"].decode()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(answer["file"]))
+        path.write_bytes(answer["file"])
         return str(path)
 
     @native("calibrate")
     def calibrate(self, step, state, ctx, plan):
-        import base64
-
         ccds = plan.partitions
         stack, facts = self._ccds("raw", [c.path for c in ccds])
-        for fact, ccd in zip(facts, ccds):  # the plan's own keys
-            fact["visit"], fact["ccd"] = ccd.key
-        answers = self._json_answers(
-            afl.coordinates(stack.name, ("ccd", "y", "x"), stack.names), "calibrate",
+        for fact, ccd in zip(facts, ccds):  # the plan's own keys, its reasons' file
+            (fact["visit"], fact["ccd"]), fact["path"] = ccd.key, ccd.path
+        answers = self._rows(
+            afl.stream_cells(stack), "calibrate",
             {**self._astro_args(ctx, state), "ccds": facts}, "c",
             [f"CCD {c.path}" for c in ccds])
         results = []
-        for answer in answers:
-            ccd = ccds[answer["c"]]
-            info = answer["facts"]
-            if "reason" in info:
-                info["reason"] = info["reason"].replace(answer["input"], ccd.path)
-            if "saturated" in info:
-                info["saturated"] = np.frombuffer(base64.b64decode(info["saturated"]),
-                                                  dtype=astro.SATURATED_DTYPE).copy()
-            results.append((ccd.key, self._keep_file(answer, ctx), info))
+        for a in answers:  # the kernel's facts: a reason, or what it found
+            info = {"reason": a["reason"].decode()} if a["reason"] is not None else {
+                "cosmic_ray_pixels": int(a["cosmic_ray_pixels"]),
+                "background_median": float(a["background_median"]),
+                "saturated": np.frombuffer(a["saturated"], astro.SATURATED_DTYPE).copy()}
+            results.append((ccds[a["c"]].key, self._keep_file(a, ctx), info))
         results.sort(key=lambda r: r[0])
         return plan.combine(results)
 
@@ -426,8 +421,8 @@ class SciDBEngine(Engine):
                             (("part", len(parts), 1), ("ccd", len(paths), len(paths)),
                              ("y", rows, rows), ("x", cols, cols)))
         self.shim.execute(afl.shuffle(ccds, assignment, grouped))
-        answers = self._json_answers(
-            afl.coordinates(grouped.name, ("part", "ccd", "y", "x"), grouped.names), "warp",
+        answers = self._rows(
+            afl.stream_cells(grouped), "warp",
             {**self._astro_args(ctx, state), "parts": parts, "ccds": facts}, "part",
             [f"visit {v} patch {p}" for v, p, _ in plan.partitions])
         return plan.combine([(parts[a["part"]]["visit"], tuple(parts[a["part"]]["patch"]),
@@ -439,8 +434,6 @@ class SciDBEngine(Engine):
         means) in stream() with the kernel's own functions: AFL has no median; the
         weighted sums, the mean, its variance and the count in AFL. (The aggregate runs
         before a missing answer is reported: the snapshots pin every query.)"""
-        import json
-
         skymap = state["skymap"]
         height, width = skymap.patch_shape
         visits = max(len(warps) for _, warps in plan.partitions)
@@ -461,10 +454,11 @@ class SciDBEngine(Engine):
                     len(y), n), "y": y, "x": x, "image": image[y, x],
                     "variance": variance[y, x]})
         answers = self._stream(
-            afl.coordinates(warps.name, ("patch", "n", "y", "x"), warps.names),
-            "coadd_clip", {**self._astro_args(ctx, state),
-                           "visits": [len(w) for _, w in plan.partitions]})
-        found = {a["p"]: a for a in (json.loads(line[0]) for line in answers)}
+            afl.stream_cells(warps), "coadd_clip",
+            {**self._astro_args(ctx, state), "visits": [len(w) for _, w in plan.partitions]})
+        found = {int(p): {"weights": np.frombuffer(w, "<f8").tolist(),
+                          "dropped": np.frombuffer(d, "<i8").reshape(-1, 3)}
+                 for p, w, d in zip(answers["p"], answers["weights"], answers["dropped"])}
         cells = np.array([(p, *c) for p, a in found.items() for c in a["dropped"]],
                          dtype=np.int64).reshape(-1, 4)
         self._upload_cells(dropped, {"patch": cells[:, 0], "n": cells[:, 1],
@@ -507,12 +501,11 @@ class SciDBEngine(Engine):
             with fitsio.open_fits(path) as hdul:
                 self._upload_plane(coadds, [fitsio.read_plane(hdul, name, path=path)
                                             for name in ("IMAGE", "VARIANCE")], {"patch": p})
-        answers = self._json_answers(
-            afl.coordinates(coadds.name, ("patch", "y", "x"), coadds.names), "detect",
+        answers = self._rows(
+            afl.stream_cells(coadds), "detect",
             {**self._astro_args(ctx, state),
              "patches": [list(patch) for patch, _ in plan.partitions],
              "saturated": base64.b64encode(state["saturated"].tobytes()).decode()},
             "p", [f"patch {patch}" for patch, _ in plan.partitions])
         return plan.combine([(tuple(plan.partitions[a["p"]][0]), np.frombuffer(
-            base64.b64decode(a["rows"]), dtype=astro.CATALOG_DTYPE).copy())
-            for a in answers])
+            a["rows"], dtype=astro.CATALOG_DTYPE).copy()) for a in answers])

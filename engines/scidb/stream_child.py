@@ -1,26 +1,35 @@
 """The program SciDB's `stream()` runs on each instance for a step SciDB has no operator
 for: it reads the instance's chunks, runs the suite's own kernel on each, answers each.
 
-The TSV exchange of the stream plugin (Paradigm4/stream 19.11, src/TSVInterface.cpp):
-SciDB sends a message per chunk, "N\\n" then N lines of tab-separated attribute values
-(nulls as \\N), and waits for exactly one answer in the same framing ("0\\n": nothing
-for now); after the last chunk it sends "0\\n" and reads one final answer. Only
-attributes travel, so the compiled query `apply()`s the coordinates the kernel needs.
-Values are printed with max_digits10 digits: text carries a float exactly.
+The Feather exchange of the stream plugin (Paradigm4/stream 19.11 @434a278, built on
+Arrow 0.16; src/FeatherInterface.cpp): for each non-empty chunk SciDB writes a uint64
+byte count (native order: little-endian on x86) and a Feather V1 table, one column per
+attribute, named by it; only int64, double, string and binary attributes can travel
+(writeFeather, l.219-353), so the compiled query casts floats to double, and only
+attributes travel, so it `apply()`s the coordinates the kernel needs. SciDB then reads
+exactly one answer in the same framing (readFeather, l.363-539): a count of 0 is no data;
+otherwise a Feather V1 table with the columns the query's `types:` declares, as many
+(l.392: checked) and of exactly those Arrow types (l.423-518: not checked, read as
+declared), one chunk each (l.408). The end is a count of 0 (writeFinalFeather, l.355),
+answered once more. Every non-empty answer becomes one `chunk_no` of the result
+<names: types>[instance_id, chunk_no, value_no] (l.97-123, l.538). So nothing travels as
+text: each step answers the typed columns of ANSWERS.
 
 Run as `python -u -m engines.scidb.stream_child STEP ARGS` (ARGS: zlib-compressed JSON in
 base64url, so the command survives AFL's quoting and stays short: bash -c takes the whole
-command as one argument, at most 128 KiB on Linux). The neuroscience steps answer lines of
-tab-separated numbers; the astronomy steps run the kernels as they are, on FITS files the
-child writes from its chunk's cells in a temporary folder, and answer one JSON line: the
-kernel's output file (base64) and its small facts, so the client keeps the kernel's bytes.
+command as one argument, at most 128 KiB on Linux). Needs pyarrow (the `scidb` extra) on
+the server. The astronomy steps run the kernels as they are, on FITS files the child
+writes from its chunk's cells in a temporary folder, and answer the kernel's output file
+as bytes, so the client keeps the kernel's bytes.
 """
 from __future__ import annotations
 
 import base64
 import json
+import struct
 import sys
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -35,13 +44,25 @@ def decode_args(text: str) -> dict:
     return json.loads(zlib.decompress(base64.urlsafe_b64decode(text.encode())))
 
 
-def _table(lines: list[str], columns: int) -> np.ndarray:
-    return np.array([line.split("\t") for line in lines], dtype=np.float64).reshape(-1,
-                                                                                     columns)
-
-
-def _fmt(value) -> str:
-    return repr(float(value))  # shortest exact repr
+# each step's answer: its columns (name, `types:` of stream()), in order
+ANSWERS = {
+    "brain_mask": (("x", "int64"), ("y", "int64"), ("z", "int64")),
+    "noise_sigma": (("vol", "int64"), ("sigma", "double")),
+    "denoise": (("vol", "int64"), ("x", "int64"), ("y", "int64"), ("z", "int64"),
+                ("v", "double")),
+    "fit_tensor": (("x", "int64"), ("y", "int64"), ("z", "int64"), ("fa", "double"),
+                   ("md", "double")),
+    "calibrate": (("c", "int64"), ("name", "binary"), ("file", "binary"),
+                  ("saturated", "binary"), ("reason", "binary"),
+                  ("cosmic_ray_pixels", "int64"), ("background_median", "double")),
+    "warp": (("part", "int64"), ("name", "binary"), ("file", "binary")),
+    "coadd_clip": (("p", "int64"), ("weights", "binary"), ("dropped", "binary")),
+    "detect": (("p", "int64"), ("rows", "binary")),
+    "probe": (("python", "binary"), ("pyarrow", "binary")),
+}
+# `types:` name -> (pyarrow type, numpy type its values are made of; None: Python objects)
+ARROW = {"int64": ("int64", "<i8"), "double": ("float64", "<f8"),
+         "binary": ("binary", None), "string": ("string", None)}
 
 
 def _params(args):
@@ -50,40 +71,35 @@ def _params(args):
     return NeuroParams(**args["params"])
 
 
-# -- the steps: chunk lines in, answer lines out ----------------------------------------
+# -- the steps: a chunk's cells in, answer columns out ----------------------------------
 
-def brain_mask(lines, args):
+def brain_mask(cells, args):
     """One chunk, the whole mean b0 volume: cells (x, y, z, mean_b0) -> mask voxels."""
     from pipelines.neuro import brain_mask_kernel
 
-    cells = _table(lines, 4)
     volume = np.zeros(args["shape"], dtype=np.float32)
     xyz = cells[:, :3].astype(np.int64)
     volume[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = cells[:, 3]
     mask = brain_mask_kernel(volume, _params(args))
-    return ["\t".join(map(str, v)) for v in np.argwhere(mask)]
+    return dict(zip("xyz", np.nonzero(mask)))
 
 
-def noise_sigma(lines, args):
-    """One chunk per volume: cells (vol, x, y, z, v) -> "vol\\tsigma"."""
+def noise_sigma(cells, args):
+    """One chunk per volume: cells (vol, x, y, z, v) -> (vol, sigma)."""
     from pipelines.neuro import sigma_of
 
-    cells = _table(lines, 5)
     params = _params(args)
-    answer = []
-    for k in np.unique(cells[:, 0]).astype(np.int64):
-        volume = _volume(cells[cells[:, 0] == k], args["shape"])
-        sigma = sigma_of(volume, params.sigma_coils, params.sigma_background_masking)
-        answer.append(f"{k}\t{_fmt(sigma)}")
-    return answer
+    vols = np.unique(cells[:, 0]).astype(np.int64)
+    return {"vol": vols, "sigma": [
+        sigma_of(_volume(cells[cells[:, 0] == k], args["shape"]), params.sigma_coils,
+                 params.sigma_background_masking) for k in vols]}
 
 
-def denoise(lines, args):
+def denoise(cells, args):
     """One chunk per volume, the mask joined in: cells (vol, x, y, z, v, m) -> the
     denoised volume's cells (vol, x, y, z, v), by the suite's own nlmeans call."""
     from pipelines.neuro import denoise_volume
 
-    cells = _table(lines, 6)
     params = _params(args)
     answer = []
     for k in np.unique(cells[:, 0]).astype(np.int64):
@@ -92,17 +108,17 @@ def denoise(lines, args):
         mask = _volume(mine[:, [0, 1, 2, 3, 5]], args["shape"]).astype(bool)
         den = denoise_volume(volume, args["sigma"][k], mask, params.patch_radius,
                              params.block_radius, params.rician, params.nlmeans_method)
-        answer += [f"{k}\t{x}\t{y}\t{z}\t{_fmt(den[x, y, z])}"
-                   for x, y, z in mine[:, 1:4].astype(np.int64)]
-    return answer
+        x, y, z = mine[:, 1:4].astype(np.int64).T
+        answer.append((np.full(len(x), k), x, y, z, den[x, y, z]))
+    return dict(zip(("vol", "x", "y", "z", "v"),
+                    (np.concatenate(c) for c in zip(*answer)))) if answer else {}
 
 
-def fit_tensor(lines, args):
+def fit_tensor(cells, args):
     """One chunk per voxel block, every volume, the mask joined in: cells
     (vol, x, y, z, v, m) -> (x, y, z, fa, md) of the block's voxels."""
     from pipelines.neuro import fit_block
 
-    cells = _table(lines, 6)
     xyz = cells[:, 1:4].astype(np.int64)
     lo, hi = xyz.min(axis=0), xyz.max(axis=0) + 1
     n_vol = len(args["bvals"])
@@ -114,8 +130,9 @@ def fit_tensor(lines, args):
     params = _params(args)
     fa, md = fit_block(data, mask, (np.asarray(args["bvals"]), np.asarray(args["bvecs"])),
                        params.b0_threshold, params.fit_method, params.min_signal)
-    return [f"{x + lo[0]}\t{y + lo[1]}\t{z + lo[2]}\t{_fmt(fa[x, y, z])}\t{_fmt(md[x, y, z])}"
-            for x, y, z in np.argwhere(np.ones(mask.shape, dtype=bool))]
+    x, y, z = np.indices(mask.shape).reshape(3, -1)
+    return {"x": x + lo[0], "y": y + lo[1], "z": z + lo[2], "fa": fa[x, y, z],
+            "md": md[x, y, z]}
 
 
 def _volume(cells, shape) -> np.ndarray:
@@ -171,19 +188,19 @@ def _ccd_file(folder, cells, ccd, c: int) -> str:
 
 def _output(path, folder) -> dict:
     """The kernel's output file as the answer carries it: its name under the run folder
-    and its bytes (base64), or nothing when the kernel made none."""
+    and its bytes, or nulls when the kernel made none."""
     if path is None:
-        return {"name": None, "file": None}
-    return {"name": str(Path(path).relative_to(folder)),
-            "file": base64.b64encode(Path(path).read_bytes()).decode()}
+        return {"name": [None], "file": [None]}
+    return {"name": [str(Path(path).relative_to(folder)).encode()],
+            "file": [Path(path).read_bytes()]}
 
 
-def calibrate(lines, args):
-    """One chunk per CCD: cells (c, y, x, image, mask, variance) -> the calexp file, its
-    facts and saturated stars (SATURATED_DTYPE bytes), as the kernel made them."""
+def calibrate(cells, args):
+    """One chunk per CCD: cells (c, y, x, image, mask, variance) -> the calexp file and
+    the kernel's facts: its saturated stars (SATURATED_DTYPE bytes) and numbers, or the
+    reason it made no file (naming the client's file, not the child's copy)."""
     from pipelines import astro
 
-    cells = _table(lines, 6)
     c = int(cells[0, 0])
     ccd = args["ccds"][c]
     params, _ = _astro(args)
@@ -192,17 +209,19 @@ def calibrate(lines, args):
         source = astro.CcdInput(path, ccd["visit"], ccd["ccd"], tuple(ccd["shape"]),
                                 np.zeros((4, 2)))
         _, out, facts = astro.calibrate_kernel(source, folder, params)
-        if "saturated" in facts:
-            facts["saturated"] = base64.b64encode(facts["saturated"].tobytes()).decode()
-        return [json.dumps({"c": c, "input": path, "facts": facts, **_output(out, folder)})]
+        reason = facts.get("reason")
+        return {"c": [c], **_output(out, folder),
+                "saturated": [facts["saturated"].tobytes() if "saturated" in facts else None],
+                "reason": [reason.replace(path, ccd["path"]).encode() if reason else None],
+                "cosmic_ray_pixels": [facts.get("cosmic_ray_pixels", 0)],
+                "background_median": [facts.get("background_median", np.nan)]}
 
 
-def warp(lines, args):
+def warp(cells, args):
     """One chunk per (visit, patch): cells (part, c, y, x, image, mask, variance) of each
     calexp it takes -> the warp file the kernel made, if any."""
     from pipelines import astro
 
-    cells = _table(lines, 7)
     j = int(cells[0, 0])
     part = args["parts"][j]
     params, skymap = _astro(args)
@@ -211,16 +230,16 @@ def warp(lines, args):
                       for c in part["ccds"])  # in the plan's order: the first one wins
         _, _, out = astro.warp_kernel((part["visit"], tuple(part["patch"]), paths), skymap,
                                       folder, params)
-        return [json.dumps({"part": j, **_output(out, folder)})]
+        return {"part": [j], **_output(out, folder)}
 
 
-def coadd_clip(lines, args):
+def coadd_clip(cells, args):
     """One chunk per patch: cells (p, n, y, x, image, variance) of its warps (a visit
-    each n) -> each visit's weight and the cells present that the coadd does not keep
-    (the clipping about the median, which AFL cannot express; AFL does the sums)."""
+    each n) -> each visit's weight (float64 bytes) and the cells present that the coadd
+    does not keep (int64 (n, y, x) bytes): the clipping about the median, which AFL
+    cannot express; AFL does the sums."""
     from pipelines import astro
 
-    cells = _table(lines, 6)
     p = int(cells[0, 0])
     params, skymap = _astro(args)
     shape = (args["visits"][p], *skymap.patch_shape)
@@ -234,16 +253,15 @@ def coadd_clip(lines, args):
     present = np.zeros(shape, dtype=bool)
     present[nyx[:, 0], nyx[:, 1], nyx[:, 2]] = True
     dropped = np.argwhere(present & ~astro.kept_values(image, variance, params))
-    return [json.dumps({"p": p, "weights": [float(w) for w in weights],
-                        "dropped": dropped.tolist()})]
+    return {"p": [p], "weights": [np.asarray(weights, dtype="<f8").tobytes()],
+            "dropped": [dropped.astype("<i8").tobytes()]}
 
 
-def detect(lines, args):
+def detect(cells, args):
     """One chunk per patch: cells (p, y, x, image, variance) of its coadd -> the
     kernel's catalog rows (CATALOG_DTYPE bytes)."""
     from pipelines import astro
 
-    cells = _table(lines, 5)
     p = int(cells[0, 0])
     params, skymap = _astro(args)
     saturated = np.frombuffer(base64.b64decode(args["saturated"]),
@@ -253,17 +271,21 @@ def detect(lines, args):
             cells[:, 1:], skymap.patch_shape, {"IMAGE": np.float32, "VARIANCE": np.float32}))
         _, rows = astro.detect_kernel((tuple(args["patches"][p]), path), skymap, params,
                                       saturated)
-        return [json.dumps({"p": p, "rows": base64.b64encode(rows.tobytes()).decode()})]
+        return {"p": [p], "rows": [rows.tobytes()]}
 
 
-def probe(lines, args):
-    """The engine's start-up check: this Python and the suite import on the server."""
+def probe(cells, args):
+    """The engine's start-up check: this Python, pyarrow and the suite import on the
+    server."""
     import platform
+
+    import pyarrow
 
     import pipelines.astro  # noqa: F401  the kernels' modules, and what they need
     import pipelines.neuro  # noqa: F401
 
-    return [f"ok\t{platform.python_version()}"]
+    return {"python": [platform.python_version().encode()],
+            "pyarrow": [pyarrow.__version__.encode()]}
 
 
 STEPS = {"brain_mask": brain_mask, "noise_sigma": noise_sigma, "denoise": denoise,
@@ -271,26 +293,72 @@ STEPS = {"brain_mask": brain_mask, "noise_sigma": noise_sigma, "denoise": denois
          "coadd_clip": coadd_clip, "detect": detect, "probe": probe}
 
 
-def serve(step, args, stdin, stdout) -> None:
-    """The exchange: one answer per message, one final (empty) answer to the end."""
-    def answer(lines):
-        stdout.write(f"{len(lines)}\n" + "".join(line + "\n" for line in lines))  # one write
-        stdout.flush()
+# -- the exchange ---------------------------------------------------------------------------
 
+def read_message(stdin):
+    """One message from SciDB: its cells as columns (pyarrow Table), None at the end (a
+    count of 0); EOFError when SciDB went away."""
+    import pyarrow as pa
+    from pyarrow import feather
+
+    head = stdin.read(8)
+    if len(head) < 8:
+        raise EOFError
+    size = struct.unpack("<Q", head)[0]
+    if not size:
+        return None
+    with warnings.catch_warnings():  # V1, the plugin's; pyarrow 25 deprecates it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return feather.read_table(pa.BufferReader(stdin.read(size)))
+
+
+def answer_message(columns: dict, answer) -> bytes:
+    """An answer as SciDB reads it: the count, then a Feather V1 table of the columns
+    `answer` ((name, type) of ANSWERS) declares, in their Arrow types; no rows: a count
+    of 0 (readFeather reads nothing more)."""
+    import pyarrow as pa
+    from pyarrow import feather
+
+    if not columns or not len(columns[answer[0][0]]):
+        return struct.pack("<Q", 0)
+    arrays = {}
+    for name, kind in answer:
+        arrow, numpy = ARROW[kind]
+        values = np.asarray(columns[name], dtype=numpy) if numpy else list(columns[name])
+        arrays[name] = pa.array(values, type=getattr(pa, arrow)())
+    table = pa.table(arrays)
+    sink = pa.BufferOutputStream()
+    with warnings.catch_warnings():  # the plugin (Arrow 0.16) reads V1 only
+        warnings.simplefilter("ignore", DeprecationWarning)
+        feather.write_feather(table, sink, version=1)
+    data = sink.getvalue().to_pybytes()
+    return struct.pack("<Q", len(data)) + data
+
+
+def cells_of(table) -> np.ndarray:
+    """A message's columns as one float64 table (coordinates and values alike: exact for
+    int64 coordinates and for float32 values sent as double)."""
+    return np.column_stack([c.to_numpy(zero_copy_only=False).astype(np.float64)
+                            for c in table.columns])
+
+
+def serve(step: str, args, stdin, stdout) -> None:
+    """The exchange: one answer per message, one final (empty) answer to the end."""
     while True:
-        header = stdin.readline()
-        if not header:  # SciDB went away: nothing to answer
+        try:
+            table = read_message(stdin)
+        except EOFError:  # SciDB went away: nothing to answer
             return
-        count = int(header)
-        if count == 0:
-            answer([])
+        columns = {} if table is None else STEPS[step](cells_of(table), args)
+        stdout.write(answer_message(columns, ANSWERS[step]))  # one write, then flush
+        stdout.flush()
+        if table is None:
             return
-        answer(step([stdin.readline().rstrip("\n") for _ in range(count)], args))
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    serve(STEPS[argv[0]], decode_args(argv[1]), sys.stdin, sys.stdout)
+    serve(argv[0], decode_args(argv[1]), sys.stdin.buffer, sys.stdout.buffer)
     return 0
 
 

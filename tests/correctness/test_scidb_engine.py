@@ -1,12 +1,16 @@
 """The SciDB engine without a SciDB server (none can be installed here): the program its
-stream() runs, fed the messages SciDB sends, answers what the reference computes; the
+stream() runs, fed the Feather messages the stream plugin sends and its answers read as
+the plugin reads them (Paradigm4/stream 19.11 src/FeatherInterface.cpp), answers what the
+reference computes; the
 AFL it sends for each step is pinned by a reviewed snapshot; without --scidb-url it is
 skipped with the reason. (With a server, every other engine test runs on it unchanged.)"""
 import dataclasses
-import json
 import os
+import re
+import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +19,7 @@ import pytest
 
 from engines.scidb import afl, binary
 from engines.scidb.engine import SciDBEngine
-from engines.scidb.stream_child import encode_args
+from engines.scidb.stream_child import ANSWERS, encode_args
 from engines.tolerances import SAME_KERNELS
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
@@ -34,31 +38,90 @@ def run():
     return reference_run(load_dataset("phantom-tiny").inputs[0])
 
 
-def as_scidb_sends(cells: np.ndarray, float_columns) -> list[str]:
-    """Cells as SciDB's TSV writer prints them: integers, floats with max_digits10."""
-    lines = []
-    for row in cells:
-        lines.append("\t".join(f"{v:.9g}" if i in float_columns else str(int(v))
-                               for i, v in enumerate(row)))
-    return lines
+def sends(*columns) -> dict[str, np.ndarray]:
+    """A chunk's attributes as the compiled query hands them to stream(): coordinates
+    int64, values cast to double (afl.SENT_AS), named as attributes are."""
+    return {f"a{i}": np.asarray(c, dtype=np.float64 if np.asarray(c).dtype.kind == "f"
+                                else np.int64) for i, c in enumerate(columns)}
 
 
-def exchange(step: str, args: dict, chunks: list[list[str]]) -> list[list[str]]:
-    """The stream child as SciDB runs it: a message per chunk, the end marker; one
-    answer each. Returns the answers' lines, split on tabs."""
-    message = "".join(f"{len(c)}\n" + "".join(line + "\n" for line in c) for c in chunks)
-    proc = subprocess.run([sys.executable, "-u", "-m", "engines.scidb.stream_child", step,
-                           encode_args(args)], input=message + "0\n", cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout.splitlines()
+def as_scidb_sends(cells: np.ndarray, float_columns) -> dict[str, np.ndarray]:
+    return sends(*(cells[:, i] if i in float_columns else cells[:, i].astype(np.int64)
+                   for i in range(cells.shape[1])))
+
+
+def joined(chunks: list[dict]) -> dict[str, np.ndarray]:
+    """One chunk of several chunks' cells."""
+    return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def feather_v1(table) -> bytes:
+    import pyarrow as pa
+    from pyarrow import feather
+
+    sink = pa.BufferOutputStream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        feather.write_feather(table, sink, version=1)
+    return sink.getvalue().to_pybytes()
+
+
+def plugin_sends(chunks: list[dict]) -> bytes:
+    """What writeFeather and writeFinalFeather write: per non-empty chunk its uint64
+    byte count (x86: little-endian) and a Feather V1 table, a column per attribute (one
+    Arrow chunk each); at the end a count of 0."""
+    import pyarrow as pa
+
+    out = b""
+    for chunk in chunks:
+        data = feather_v1(pa.table(chunk))
+        out += struct.pack("<Q", len(data)) + data
+    return out + struct.pack("<Q", 0)
+
+
+def plugin_reads(out: bytes, answer) -> list[dict | None]:
+    """The child's answers as readFeather reads them: a count, 0 for no data; else a
+    Feather V1 table of exactly the declared columns, each read as its declared Arrow
+    type (the plugin does not check: a wrong one is garbage), and nothing after the
+    last answer. Returns each answer's columns (None: no data)."""
+    import pyarrow as pa
+    from pyarrow import feather
+
+    arrow = {"int64": pa.int64(), "double": pa.float64(), "binary": pa.binary(),
+             "string": pa.string()}
     answers, at = [], 0
     while at < len(out):
-        count = int(out[at])
-        answers.append([line.split("\t") for line in out[at + 1:at + 1 + count]])
-        at += 1 + count
-    assert len(answers) == len(chunks) + 1 and answers[-1] == []  # one per message
-    return [line for answer in answers for line in answer]
+        size = struct.unpack("<Q", out[at:at + 8])[0]
+        data, at = out[at + 8:at + 8 + size], at + 8 + size
+        assert len(data) == size, "an answer cut short"
+        if not size:
+            answers.append(None)
+            continue
+        assert data[:4] == data[-4:] == b"FEA1", "not Feather V1: Arrow 0.16 reads V1 only"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            table = feather.read_table(pa.BufferReader(data))
+        assert table.schema.names == [n for n, _ in answer]
+        assert table.schema.types == [arrow[t] for _, t in answer]
+        assert all(c.num_chunks == 1 for c in table.columns)
+        answers.append({n: np.array(c.to_pylist(), dtype=object) if t in ("binary", "string")
+                        else c.to_numpy() for (n, t), c in zip(answer, table.columns)})
+    return answers
+
+
+def exchange(step: str, args: dict, chunks: list[dict]) -> dict[str, np.ndarray]:
+    """The stream child as SciDB runs it: a Feather message per chunk, the end marker;
+    one answer each, the last with no data. Returns the answers' columns, joined, as
+    the engine reads them back (ANSWERS)."""
+    proc = subprocess.run([sys.executable, "-u", "-m", "engines.scidb.stream_child", step,
+                           encode_args(args)], input=plugin_sends(chunks), cwd=ROOT,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:].decode(errors="replace")
+    answers = plugin_reads(proc.stdout, ANSWERS[step])
+    assert len(answers) == len(chunks) + 1 and answers[-1] is None  # one per message
+    found = [a for a in answers if a is not None]
+    empty = {n: np.array([], dtype=object if t == "binary" else t) for n, t in ANSWERS[step]}
+    return joined(found) if found else empty
 
 
 def volume_cells(volume: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -77,11 +140,10 @@ def params_of(run):
 
 def test_child_brain_mask_is_the_reference(run):
     mean_b0 = run.state["mean_b0"]
-    lines = exchange("brain_mask", {"shape": list(mean_b0.shape), "params": params_of(run)},
-                     [as_scidb_sends(volume_cells(mean_b0), {3})])
+    got = exchange("brain_mask", {"shape": list(mean_b0.shape), "params": params_of(run)},
+                   [as_scidb_sends(volume_cells(mean_b0), {3})])
     mask = np.zeros(mean_b0.shape, dtype=bool)
-    xyz = np.array(lines, dtype=np.int64)
-    mask[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
+    mask[got["x"], got["y"], got["z"]] = True
     assert np.array_equal(mask, run.state["mask"])
 
 
@@ -90,24 +152,22 @@ def test_child_noise_sigma_and_denoise_are_the_reference(run):
     shape = run.state["mask"].shape
     volumes = [0, 5]  # a b0 and a diffusion-weighted volume, each its own chunk
     data = {k: neuro.nifti.read_volume(dwi, k) for k in volumes}
-    lines = exchange("noise_sigma", {"shape": list(shape), "params": params_of(run)},
+    found = exchange("noise_sigma", {"shape": list(shape), "params": params_of(run)},
                      [as_scidb_sends(volume_cells(data[k], k), {4}) for k in volumes])
-    got = {int(k): float(s) for k, s in lines}
+    got = dict(zip(found["vol"].tolist(), found["sigma"].tolist()))
     for k in volumes:
         assert got[k] == pytest.approx(run.state["sigma"][k], rel=1e-12)
     mask = run.state["mask"].astype(np.float32)
     chunks = [as_scidb_sends(np.hstack([volume_cells(data[k], k),
                                         mask.reshape(-1, 1)]), {4}) for k in volumes]
-    lines = exchange("denoise", {"shape": list(shape), "params": params_of(run),
+    cells = exchange("denoise", {"shape": list(shape), "params": params_of(run),
                                  "sigma": [float(s) for s in run.state["sigma"]]}, chunks)
-    cells = np.array(lines, dtype=np.float64)
     want = np.asarray(nib.load(run.state["denoised"]).dataobj)
     bound = SAME_KERNELS["denoised"]
     for k in volumes:
-        mine = cells[cells[:, 0] == k]
+        mine = cells["vol"] == k
         got = np.zeros(shape, dtype=np.float32)
-        xyz = mine[:, 1:4].astype(np.int64)
-        got[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = mine[:, 4]
+        got[cells["x"][mine], cells["y"][mine], cells["z"][mine]] = cells["v"][mine]
         diff = np.abs(got - want[..., k])
         assert (diff <= bound.bound(np.abs(want[..., k]),
                                     np.abs(want[..., k]).max())).all(), bound.why
@@ -122,24 +182,39 @@ def test_child_fit_tensor_is_the_reference(run):
         part = volume_cells(denoised[block + (k,)], k)
         part[:, 1:4] += 8  # the block's own coordinates
         cells.append(np.hstack([part, mask[block].reshape(-1, 1)]))
-    lines = exchange("fit_tensor", {"params": params_of(run),
-                                    "bvals": np.asarray(run.state["bvals"]).tolist(),
-                                    "bvecs": np.asarray(run.state["bvecs"]).tolist()},
-                     [as_scidb_sends(np.vstack(cells), {4})])
-    got = np.array(lines, dtype=np.float64)
-    xyz = got[:, :3].astype(np.int64)
-    for column, name in ((3, "fa"), (4, "md")):
-        want = run.state[name][xyz[:, 0], xyz[:, 1], xyz[:, 2]]
+    got = exchange("fit_tensor", {"params": params_of(run),
+                                  "bvals": np.asarray(run.state["bvals"]).tolist(),
+                                  "bvecs": np.asarray(run.state["bvecs"]).tolist()},
+                   [as_scidb_sends(np.vstack(cells), {4})])
+    for name in ("fa", "md"):
+        want = run.state[name][got["x"], got["y"], got["z"]]
         bound = SAME_KERNELS[name]
-        assert (np.abs(got[:, column] - want) <= bound.bound(
+        assert (np.abs(got[name] - want) <= bound.bound(
             np.abs(want), np.abs(run.state[name]).max())).all(), name
-    assert len(got) == 8 ** 3 and run.state["mask"][block].any()
+    assert len(got["fa"]) == 8 ** 3 and run.state["mask"][block].any()
 
 
-def test_child_probe_says_ok_and_its_python():
+def test_child_probe_says_its_python_and_pyarrow():
     import platform
 
-    assert exchange("probe", {}, [["0"]]) == [["ok", platform.python_version()]]
+    import pyarrow
+
+    got = exchange("probe", {}, [sends(np.array([0]))])
+    assert got["python"].tolist() == [platform.python_version().encode()]
+    assert got["pyarrow"].tolist() == [pyarrow.__version__.encode()]
+
+
+def test_child_answers_no_rows_with_no_data_and_ends_at_eof():
+    """No voxels in a mask: a count of 0 (readFeather: no data), not a table; SciDB gone
+    (its pipe closed without the end marker): the child ends, answering nothing."""
+    from engines.scidb.stream_child import answer_message
+
+    empty = {"x": [], "y": [], "z": []}
+    assert answer_message(empty, ANSWERS["brain_mask"]) == bytes(8)
+    proc = subprocess.run([sys.executable, "-m", "engines.scidb.stream_child", "probe",
+                           encode_args({})], input=b"", cwd=ROOT, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout == b"", proc.stderr[-2000:]
 
 
 # -- what the engine sends: snapshots ---------------------------------------------------
@@ -174,10 +249,8 @@ def sent_for(pipeline, step_name, run, tmp_path, **options) -> list[str]:
         engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
     except (InputError, KeyError, EngineUnavailable):  # no data came back: an empty
         pass  # mask, no sigma, no denoised volume; the queries are what is pinned
-    # the stream command's arguments are data (sigma, gradients): shown by their size
-    return [line.split(" engines.scidb.stream_child ")[0] + " engines.scidb.stream_child "
-            + line.split(" engines.scidb.stream_child ")[1].split(" ")[0] + " <args>"
-            + "'" + line.split("'")[-1] if " engines.scidb.stream_child " in line else line
+    # the stream command's arguments are data (sigma, gradients): not pinned
+    return [re.sub(r"(engines\.scidb\.stream_child \w+) [\w=-]+", r"\1 <args>", line)
             for line in engine.shim.sent]
 
 
@@ -254,6 +327,31 @@ def test_afl_literals_and_schemas():
     assert series.schema == "<v:float not null>[vol=0:4:0:1; x=0:1:0:2; y=0:2:0:3; z=0:3:0:4]"
     fmt = binary.Format.parse(afl.fetch_volume("a", "v")[1])
     assert fmt.dtype.itemsize == 3 * 8 + 9
+    # a stream's answers (the snapshots' shim returns none, so none is read there)
+    assert afl.stream("s", "cmd", "t", [("python", "binary")]) == \
+        "store(stream(s, 'cmd', format:'feather', types:'binary', names:'python'), t)"
+    assert afl.answer("t", 1, 2, [("p", "int64"), ("rows", "binary")]) == (
+        "project(between(t, 1, 2, null, 1, 2, null), p, rows)", "(int64 null, binary null)")
+
+
+def test_the_engine_reads_each_answer_back_as_binary():
+    """A stream's answers as SciDB saves them: where they are (instance, chunk), then each
+    one's typed columns, nullable as stream() makes them (a 0xFF byte before a value)."""
+    class Answering(RecordingShim):
+        replies = [binary.encode({"i": [0, 1], "c": [0, 0]},
+                                 binary.Format.parse("(int64, int64)", "ic"))]
+        replies += [b"\xff" + struct.pack("<q", p) + b"\xff" + struct.pack("<I", len(rows))
+                    + rows for p, rows in ((1, b"\x00\x01"), (0, b""))]
+
+        def read_bytes(self):
+            return self.replies.pop(0)
+
+    engine = SciDBEngine(url="http://scidb.example:8080")
+    engine.shim, engine.token = Answering(), "t"
+    found = engine._stream("coadds", "detect", {})
+    assert found["p"].tolist() == [1, 0] and found["rows"].tolist() == [b"\x00\x01", b""]
+    assert engine.shim.sent[-1] == "project(between(iab_t_detect_0, 1, 0, null, 1, 0, " \
+        "null), p, rows)  -- save (int64 null, binary null)"
 
 
 def test_without_a_server_the_engine_says_how_to_give_one():
@@ -270,21 +368,14 @@ def survey():
     return reference_run(load_dataset("survey-tiny").inputs[0])
 
 
-def tsv(*columns) -> list[str]:
-    """Cells as SciDB's TSV writer prints them: integers, and float32 values with
-    max_digits10 (9 digits): exact."""
-    fmts = ["{:.9g}" if np.asarray(c).dtype.kind == "f" else "{}" for c in columns]
-    return ["\t".join(f.format(v) for f, v in zip(fmts, row)) for row in zip(*columns)]
-
-
-def plane_cells(path, names, *lead) -> list[str]:
+def plane_cells(path, names, *lead) -> dict[str, np.ndarray]:
     """Every pixel of a file's planes `names`, after the chunk's leading coordinates."""
     from pipelines import fitsio
 
     with fitsio.open_fits(path) as hdul:
         planes = [fitsio.read_plane(hdul, n, path=path) for n in names]
     y, x = np.indices(planes[0].shape).reshape(2, -1)
-    return tsv(*[np.full(y.size, k) for k in lead], y, x, *[p.ravel() for p in planes])
+    return sends(*[np.full(y.size, k) for k in lead], y, x, *[p.ravel() for p in planes])
 
 
 def run_with_child(engine, step_name, state, ctx, chunks):
@@ -321,9 +412,8 @@ def test_child_warp_is_the_reference(survey, tmp_path):
 
     def chunks(args):
         paths = sorted(state["calexps"].values())
-        return [[line for c in part["ccds"] for line in plane_cells(
-            paths[c], ("IMAGE", "MASK", "VARIANCE"), j, c)]
-            for j, part in enumerate(args["parts"])]
+        return [joined([plane_cells(paths[c], ("IMAGE", "MASK", "VARIANCE"), j, c)
+                        for c in part["ccds"]]) for j, part in enumerate(args["parts"])]
 
     outputs = run_with_child(astro_engine(), "warp", state, RunContext(
         tmp_path, astro.AstroParams(), astro.AstroPartitioning()), chunks)
@@ -350,21 +440,23 @@ def assert_coadd_as_scidb_forms_it(partitions, skymap, want_paths) -> int:
 
     chunks, planes = [], []
     for p, (_, warps) in enumerate(partitions):
-        lines, stack = [], []
+        cells, stack = [], []
         for n, (_, path) in enumerate(warps):
             with fitsio.open_fits(path) as hdul:
                 image, variance = (fitsio.read_plane(hdul, k, path=path)
                                    for k in ("IMAGE", "VARIANCE"))
             y, x = np.nonzero(np.isfinite(image) | np.isfinite(variance))
-            lines += tsv(np.full(len(y), p), np.full(len(y), n), y, x, image[y, x],
-                         variance[y, x])
+            cells.append(sends(np.full(len(y), p), np.full(len(y), n), y, x, image[y, x],
+                               variance[y, x]))
             stack.append((image.astype(np.float64), variance.astype(np.float64)))
-        chunks.append(lines)
+        chunks.append(joined(cells))
         planes.append(stack)
     args = {"params": dataclasses.asdict(astro.AstroParams()),
             "skymap": dataclasses.asdict(skymap), "visits": [len(w) for _, w in partitions]}
-    answers = {a["p"]: a for a in (json.loads(line[0]) for line in
-                                   exchange("coadd_clip", args, chunks))}
+    found = exchange("coadd_clip", args, chunks)
+    answers = {int(p): {"weights": np.frombuffer(w, "<f8"),
+                        "dropped": np.frombuffer(d, "<i8").reshape(-1, 3)}
+               for p, w, d in zip(found["p"], found["weights"], found["dropped"])}
     tol = SciDBEngine().tolerance("coadd", "coadds")
     for p, (patch, warps) in enumerate(partitions):
         image = np.stack([i for i, _ in planes[p]])[::-1]
