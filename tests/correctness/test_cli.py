@@ -290,16 +290,26 @@ def test_a_parameter_an_engine_does_not_follow_is_refused():
 
 
 def test_step_params_name_what_the_kernels_read():
-    """Each step's declared parameters are the Params fields its kernel reads: what an
-    engine's own implementation is held to (a field missed here would go unchecked)."""
+    """Each step's declared parameters are the Params fields its kernel reads, itself or
+    in the functions of its module it hands `params` to: what an engine's own
+    implementation is held to (a field missed here would go unchecked)."""
     import inspect
     import re
 
     from pipelines import PIPELINES
 
+    def read_by(function) -> set[str]:
+        source = inspect.getsource(function)
+        read = set(re.findall(r"params\.(\w+)", source))
+        for name in re.findall(r"(\w+)\((?:[^()]|\([^()]*\))*\bparams\)", source):
+            helper = getattr(inspect.getmodule(function), name, None)
+            if inspect.isfunction(helper) and helper is not function:
+                read |= read_by(helper)
+        return read
+
     for pipeline in PIPELINES.values():
         for step in pipeline.STEPS:
-            read = set(re.findall(r"params\.(\w+)", inspect.getsource(step.kernel)))
+            read = read_by(step.kernel)
             assert read == set(step.params), (step.name, read)
 
 
