@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from pipelines.errors import EngineLost, EngineUnavailable
 from pipelines.steps import Plan, RunContext, Step, StepRun
 
 from .tolerances import SAME_KERNELS, Tolerance
@@ -244,11 +245,15 @@ class Engine:
             raise ValueError(f"step {step.name} needs {missing}, which no earlier step made")
         plan = step.plan(state, ctx)
         own = self.native_steps.get(step.name)
-        if own is not None:
-            outputs = own(self, step, state, ctx, plan)
-        else:
-            outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared,
-                                            label=step.name))
+        try:
+            if own is not None:
+                outputs = own(self, step, state, ctx, plan)
+            else:
+                outputs = plan.combine(self.map(step.kernel, plan.partitions, plan.shared,
+                                                label=step.name))
+        except EngineUnavailable as exc:
+            # it started, then could not go on (its server gone mid-step): lost, not absent
+            raise EngineLost(f"{exc} (during {step.name})") from exc
         if set(outputs) != set(step.outputs):
             raise StepContractError(f"{self.name}'s {step.name} made {sorted(outputs)}; "
                                     f"the step declares {sorted(step.outputs)}")

@@ -104,3 +104,24 @@ def test_an_engine_lost_mid_run_fails_once_then_skips():
     assert skipped and all(s.endswith(f": engine fake lost earlier in this run: {line}")
                            for s in skipped), skipped  # denoise, fit_tensor, the pipeline
     assert "1 failed, 8 passed, 3 skipped" in out, out[-3000:]
+
+
+def test_an_engine_gone_mid_step_is_lost_not_unavailable(tmp_path):
+    """A server that answered at start and not mid-step (the SciDB and Myria clients say
+    "unreachable", EngineUnavailable): the step raises EngineLost, exit status 3 and a
+    lost engine under pytest, not a skip as for an engine that never started."""
+    from pipelines.errors import EngineLost, EngineUnavailable
+
+    class Gone(ReferenceEngine):
+        name = "gone"
+
+        def map(self, kernel, partitions, shared, label):
+            raise EngineUnavailable("the server at x://y: unreachable (connection reset)")
+
+    run = reference_run(load_dataset("phantom-tiny").inputs[0])
+    step = neuro.STEP_BY_NAME["noise_sigma"]
+    with pytest.raises(EngineLost, match=r"^the server at x://y: unreachable \(connection "
+                                         r"reset\) \(during noise_sigma\)$"):
+        Gone().start().run_step(step, run.state_before("noise_sigma"),
+                                RunContext(tmp_path, neuro.NeuroParams(),
+                                           neuro.NeuroPartitioning()))
