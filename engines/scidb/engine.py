@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import astro, fitsio, nifti
-from pipelines.errors import EngineUnavailable
+from pipelines.errors import EngineUnavailable, InputError
 
 from .. import voxel_block
 from ..base import Engine, native
+from ..served import every_part, keep_file, step_args
 from ..tolerances import FLOAT32_RTOL, FLOOR, Tolerance
 from . import afl, binary
 from .shim import Shim, ShimError
@@ -88,9 +89,13 @@ class SciDBEngine(Engine):
                                     "(its shim service; SciDB cannot be installed here)")
         self.shim = Shim(self.url, os.environ.get("SCIDB_USER"),
                          os.environ.get("SCIDB_PASSWORD"), os.environ.get("SHIM_USER"),
-                         os.environ.get("SHIM_PASSWORD")).open()
+                         os.environ.get("SHIM_PASSWORD"))
         try:
+            self.shim.open()
             self._check_server()
+        except ShimError as exc:  # refused (401), full (503), a probe failed: unusable
+            self.close()
+            raise EngineUnavailable(str(exc)) from None
         except BaseException:
             self.close()
             raise
@@ -112,27 +117,34 @@ class SciDBEngine(Engine):
                 f"SciDB at {self.url}: stream() cannot run the suite's child with "
                 f"--scidb-python {self.python} in --scidb-suite {self.suite} (both are "
                 f"paths on the server; Python >= 3.11 with the suite's packages and "
-                f"pyarrow): {(exc.text.strip().splitlines() or [str(exc)])[0][:300]}"
+                f"pyarrow): {exc.headline or exc}"
             ) from None
         if not len(answer["python"]):
             raise EngineUnavailable(f"SciDB at {self.url}: the suite's child answered "
                                     f"nothing to its probe")
 
     def close(self) -> None:
+        """Remove this session's arrays and release it; never raises (it runs after any
+        failure). A session a failed query ended is opened again, once, by the first
+        remove; an array SciDB refuses to remove (406: a failed query never made it) is
+        skipped; anything else (the server gone) ends the cleanup at once, since every
+        remove would wait for the server in turn."""
         if self.shim is None:
             return
-        for name in reversed(self.arrays):
-            try:
-                self.shim.execute(afl.remove(name))
-            except ShimError as exc:
-                if exc.session_ended:
-                    break  # the server or the session is gone: it keeps the rest
-            except EngineUnavailable:
-                break
-        self.arrays.clear()
-        self.loaded.clear()
-        self.shim.close()
-        self.shim = None
+        shim, self.shim = self.shim, None
+        try:
+            for name in reversed(self.arrays):
+                try:
+                    shim.execute(afl.remove(name), timeout=shim.timeout)
+                except ShimError as exc:
+                    if exc.status != 406:
+                        raise
+        except Exception:
+            pass  # SciDB keeps the rest: `iab_<session>_...`, to remove by hand
+        finally:
+            self.arrays.clear()
+            self.loaded.clear()
+            shim.close()
 
     def describe(self):
         facts = super().describe()
@@ -212,10 +224,10 @@ class SciDBEngine(Engine):
         not fit the client)."""
         command = (f"cd {shlex.quote(self.suite)} && {shlex.quote(self.python)} -u -m "
                    f"engines.scidb.stream_child {step} {encode_args(args)}")
-        if len(command.encode()) >= MAX_COMMAND:
-            raise EngineUnavailable(f"SciDB: the {step} stream() command is "
-                                    f"{len(command) // 1024} KiB, over Linux's 128 KiB for "
-                                    f"one argument (too many CCDs or patches for one step)")
+        if len(command.encode()) >= MAX_COMMAND:  # an input too big for it, not the server
+            raise InputError(f"SciDB: the {step} stream() command is {len(command) // 1024} "
+                             f"KiB, over Linux's 128 KiB for one argument (too many CCDs or "
+                             f"patches for one step)")
         target = self._array(step)
         self.shim.execute(afl.stream(source, command, target, ANSWERS[step]))
         query, fmt = afl.answer_positions(target)
@@ -226,12 +238,6 @@ class SciDBEngine(Engine):
             self.shim.execute(query, save=fmt)
             yield binary.decode(self.shim.read_bytes(), binary.Format.parse(
                 fmt, [n for n, _ in ANSWERS[step]]))
-
-    @staticmethod
-    def _params(ctx) -> dict:
-        import dataclasses
-
-        return dataclasses.asdict(ctx.params)
 
     # -- the steps ----------------------------------------------------------------------
     @native("mean_b0")
@@ -249,7 +255,7 @@ class SciDBEngine(Engine):
         self._upload(mean_b0, state["mean_b0"])
         voxels = self._stream(afl.with_coordinates(mean_b0.name, four_d=False),
                               "brain_mask",
-                              {"shape": list(mean_b0.shape), "params": self._params(ctx)})
+                              step_args(ctx, shape=list(mean_b0.shape)))
         mask = np.zeros(mean_b0.shape, dtype=bool)
         mask[voxels["x"], voxels["y"], voxels["z"]] = True
         return plan.combine([mask])
@@ -260,8 +266,9 @@ class SciDBEngine(Engine):
         if self.chunk is not None:  # the estimate is a whole volume's
             dwi = self._rechunked(dwi, dwi.shape, 1)
         found = self._stream(afl.with_coordinates(dwi.name, four_d=True), "noise_sigma",
-                             {"shape": list(state["shape"]), "params": self._params(ctx)})
-        sigma = {int(k): float(s) for k, s in zip(found["vol"], found["sigma"])}
+                             step_args(ctx, shape=list(state["shape"])))
+        sigma = every_part({int(k): float(s) for k, s in zip(found["vol"], found["sigma"])},
+                           state["n_volumes"], f"SciDB at {self.url}", "noise_sigma")
         return plan.combine([[sigma[k] for k in group] for _, group in plan.partitions])
 
     @native("denoise")
@@ -271,8 +278,8 @@ class SciDBEngine(Engine):
             dwi = self._rechunked(dwi, dwi.shape, 1)
         mask = self._mask(state["mask"])
         answers = self._answers(afl.with_mask(dwi, mask), "denoise",
-                                {"shape": list(state["shape"]), "params": self._params(ctx),
-                                 "sigma": [float(s) for s in state["sigma"]]})
+                                step_args(ctx, shape=list(state["shape"]),
+                                          sigma=[float(s) for s in state["sigma"]]))
         out = plan.partitions[0][1]  # the plan made the output file
         written = set()
         for cells in answers:  # a chunk's answer: one volume's cells
@@ -284,10 +291,8 @@ class SciDBEngine(Engine):
                 nifti.write_volume(out, int(k), volume)
                 written.add(int(k))
             self._report(step.name, len(written), state["n_volumes"])
-        missing = sorted(set(range(state["n_volumes"])) - written)
-        if missing:
-            raise EngineUnavailable(f"SciDB at {self.url}: denoise returned no volume "
-                                    f"{missing[0]} ({len(missing)} missing)")
+        every_part(dict.fromkeys(written), state["n_volumes"], f"SciDB at {self.url}",
+                   "denoise")
         return plan.combine([])
 
     @native("fit_tensor")
@@ -297,9 +302,8 @@ class SciDBEngine(Engine):
         rechunked = self._rechunked(denoised, block, denoised.volumes)
         mask = self._mask(state["mask"], chunk=block)
         cells = self._stream(afl.with_mask(rechunked, mask), "fit_tensor",
-                             {"params": self._params(ctx),
-                              "bvals": np.asarray(state["bvals"]).tolist(),
-                              "bvecs": np.asarray(state["bvecs"]).tolist()})
+                             step_args(ctx, bvals=np.asarray(state["bvals"]).tolist(),
+                                       bvecs=np.asarray(state["bvecs"]).tolist()))
         fa = np.zeros(state["shape"], dtype=np.float32)
         md = np.zeros(state["shape"], dtype=np.float32)
         fa[cells["x"], cells["y"], cells["z"]] = cells["fa"]
@@ -349,32 +353,20 @@ class SciDBEngine(Engine):
             self._report(f"ingest {what}", c + 1, len(paths))
         return stack, facts
 
-    def _astro_args(self, ctx, state) -> dict:
-        import dataclasses
-
-        return {"params": self._params(ctx), "skymap": dataclasses.asdict(state["skymap"])}
-
-    def _rows(self, source: str, step: str, args: dict, key: str,
-              chunks: list) -> list[dict]:
-        """The child's answers, a row (column name -> value) per chunk, each chunk (its
-        `key` numbers `chunks`) answered, or EngineUnavailable naming the first one
-        missing."""
+    def _rows(self, source: str, step: str, args: dict, key: str, count: int) -> list[dict]:
+        """The child's answers, a row (column name -> value) for each of the `count`
+        chunks (numbered by the column `key`), in chunk order (AnswerMissing if not)."""
         found = self._stream(source, step, args)
         rows = [dict(zip(found, values)) for values in zip(*found.values())]
-        missing = sorted(set(range(len(chunks))) - {int(r[key]) for r in rows})
-        if missing:
-            raise EngineUnavailable(f"SciDB at {self.url}: {step} returned no answer for "
-                                    f"{chunks[missing[0]]} ({len(missing)} missing)")
-        return rows
+        return every_part({int(r[key]): r for r in rows}, count, f"SciDB at {self.url}",
+                          step)
 
-    def _keep_file(self, answer: dict, ctx) -> str | None:
-        """The kernel's output file as the child sent it, written under the run folder."""
-        if answer["name"] is None:
-            return None
-        path = Path(ctx.workdir) / answer["name"].decode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(answer["file"])
-        return str(path)
+    @staticmethod
+    def _keep_file(answer: dict, ctx) -> str | None:
+        """The kernel's output file as the child sent it (its name as bytes)."""
+        name = answer["name"]
+        return keep_file(ctx.workdir, None if name is None else name.decode(),
+                         answer["file"])
 
     @native("calibrate")
     def calibrate(self, step, state, ctx, plan):
@@ -382,10 +374,8 @@ class SciDBEngine(Engine):
         stack, facts = self._ccds("raw", [c.path for c in ccds])
         for fact, ccd in zip(facts, ccds):  # the plan's own keys, its reasons' file
             (fact["visit"], fact["ccd"]), fact["path"] = ccd.key, ccd.path
-        answers = self._rows(
-            afl.stream_cells(stack), "calibrate",
-            {**self._astro_args(ctx, state), "ccds": facts}, "c",
-            [f"CCD {c.path}" for c in ccds])
+        answers = self._rows(afl.stream_cells(stack), "calibrate",
+                             step_args(ctx, state, ccds=facts), "c", len(ccds))
         results = []
         for a in answers:  # the kernel's facts: a reason, or what it found
             info = {"reason": a["reason"].decode()} if a["reason"] is not None else {
@@ -421,10 +411,9 @@ class SciDBEngine(Engine):
                             (("part", len(parts), 1), ("ccd", len(paths), len(paths)),
                              ("y", rows, rows), ("x", cols, cols)))
         self.shim.execute(afl.shuffle(ccds, assignment, grouped))
-        answers = self._rows(
-            afl.stream_cells(grouped), "warp",
-            {**self._astro_args(ctx, state), "parts": parts, "ccds": facts}, "part",
-            [f"visit {v} patch {p}" for v, p, _ in plan.partitions])
+        answers = self._rows(afl.stream_cells(grouped), "warp",
+                             step_args(ctx, state, parts=parts, ccds=facts), "part",
+                             len(parts))
         return plan.combine([(parts[a["part"]]["visit"], tuple(parts[a["part"]]["patch"]),
                               self._keep_file(a, ctx)) for a in answers])
 
@@ -432,8 +421,7 @@ class SciDBEngine(Engine):
     def coadd(self, step, state, ctx, plan):
         """The clipping about the median over visits and the visits' weights (clipped
         means) in stream() with the kernel's own functions: AFL has no median; the
-        weighted sums, the mean, its variance and the count in AFL. (The aggregate runs
-        before a missing answer is reported: the snapshots pin every query.)"""
+        weighted sums, the mean, its variance and the count in AFL."""
         skymap = state["skymap"]
         height, width = skymap.patch_shape
         visits = max(len(warps) for _, warps in plan.partitions)
@@ -455,16 +443,18 @@ class SciDBEngine(Engine):
                     "variance": variance[y, x]})
         answers = self._stream(
             afl.stream_cells(warps), "coadd_clip",
-            {**self._astro_args(ctx, state), "visits": [len(w) for _, w in plan.partitions]})
-        found = {int(p): {"weights": np.frombuffer(w, "<f8").tolist(),
-                          "dropped": np.frombuffer(d, "<i8").reshape(-1, 3)}
-                 for p, w, d in zip(answers["p"], answers["weights"], answers["dropped"])}
-        cells = np.array([(p, *c) for p, a in found.items() for c in a["dropped"]],
+            step_args(ctx, state, visits=[len(w) for _, w in plan.partitions]))
+        found = every_part(
+            {int(p): {"weights": np.frombuffer(w, "<f8").tolist(),
+                      "dropped": np.frombuffer(d, "<i8").reshape(-1, 3)}
+             for p, w, d in zip(answers["p"], answers["weights"], answers["dropped"])},
+            len(plan.partitions), f"SciDB at {self.url}", "coadd's clipping")
+        cells = np.array([(p, *c) for p, a in enumerate(found) for c in a["dropped"]],
                          dtype=np.int64).reshape(-1, 4)
         self._upload_cells(dropped, {"patch": cells[:, 0], "n": cells[:, 1],
                                      "y": cells[:, 2], "x": cells[:, 3],
                                      "r": np.ones(len(cells), dtype=np.int64)})
-        pn = [(p, n, w) for p, a in found.items() for n, w in enumerate(a["weights"])]
+        pn = [(p, n, w) for p, a in enumerate(found) for n, w in enumerate(a["weights"])]
         self._upload_cells(weights, {"patch": np.array([p for p, _, _ in pn]),
                                      "n": np.array([n for _, n, _ in pn]),
                                      "w": np.array([w for _, _, w in pn])})
@@ -472,10 +462,6 @@ class SciDBEngine(Engine):
         self.shim.execute(query, save=fmt)
         sums = binary.decode(self.shim.read_bytes(), binary.Format.parse(
             fmt, ["p", "y", "x", "mean", "var", "kept"]))
-        missing = [patch for p, (patch, _) in enumerate(plan.partitions) if p not in found]
-        if missing:
-            raise EngineUnavailable(f"SciDB at {self.url}: coadd's clipping returned no "
-                                    f"answer for patch {missing[0]} ({len(missing)} missing)")
         results = []
         for p, (patch, patch_warps) in enumerate(plan.partitions):
             mine = sums["p"] == p
@@ -503,9 +489,8 @@ class SciDBEngine(Engine):
                                             for name in ("IMAGE", "VARIANCE")], {"patch": p})
         answers = self._rows(
             afl.stream_cells(coadds), "detect",
-            {**self._astro_args(ctx, state),
-             "patches": [list(patch) for patch, _ in plan.partitions],
-             "saturated": base64.b64encode(state["saturated"].tobytes()).decode()},
-            "p", [f"patch {patch}" for patch, _ in plan.partitions])
+            step_args(ctx, state, patches=[list(patch) for patch, _ in plan.partitions],
+                      saturated=base64.b64encode(state["saturated"].tobytes()).decode()),
+            "p", len(plan.partitions))
         return plan.combine([(tuple(plan.partitions[a["p"]][0]), np.frombuffer(
             a["rows"], dtype=astro.CATALOG_DTYPE).copy()) for a in answers])

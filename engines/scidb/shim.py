@@ -11,17 +11,21 @@ The protocol, as shim 19.11 implements it (Paradigm4/shim src/shim.c, docs_gen/h
 - `/read_bytes?id=&n=0` -> the whole saved output (binary formats).
 - `/cancel?id=` -> cancels the session's running query; `/release_session?id=` ends it.
 - Any other status than 200 is an error whose body is a short text: 406 carries SciDB's
-  own error text (the session survives), 404 a lost session, 502 a lost SciDB connection
-  and 500 a shim failure (both end the session), 503 no free session slot, 401 refused
-  credentials (or an HTTP digest challenge when shim's .htpasswd is set).
-Every reply is turned into a value or one `ShimError` line naming the server.
+  own error text (the session survives), 404 a lost session, 500 a shim failure (the
+  session is left to the client to release), 502 a lost SciDB connection (shim ends the
+  session itself), 503 no free session slot, 401 refused credentials (or an HTTP digest
+  challenge when shim's .htpasswd is set).
+Every reply is turned into a value or one line naming the server: a `ShimError`, or
+EngineUnavailable where the server cannot go on (unreachable, a dropped connection, 502).
+A session lost (404) or broken (500) is opened again by the next call.
 """
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipelines.errors import EngineUnavailable
 
@@ -30,22 +34,28 @@ STATUS = {400: "bad request", 401: "authentication refused", 404: "session lost"
           406: "query failed", 409: "no query to cancel", 410: "no output saved",
           416: "output saved in another format", 500: "shim failed (session ended)",
           502: "SciDB connection lost (session ended)", 503: "no free shim session"}
-SESSION_ENDED = (404, 500, 502)
+
+
+def headline(text: str) -> str:
+    """The line of shim's (or SciDB's) error text a user can act on: SciDB's first line
+    only names the C++ file that threw, so its "Error description:" line, else its
+    "Error id:" line, else the first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for mark in ("Error description:", "Error id:"):
+        for line in lines:
+            if line.startswith(mark):
+                return line[:300]
+    return lines[0][:300] if lines else ""
 
 
 class ShimError(RuntimeError):
-    """A reply other than 200: `status`, and shim's (or SciDB's) text."""
+    """A reply other than 200: `status`, shim's (or SciDB's) text, and its `headline`."""
 
     def __init__(self, url: str, endpoint: str, status: int, text: str):
         what = STATUS.get(status, "unexpected reply")
-        first = text.strip().splitlines()[0] if text.strip() else ""
+        self.status, self.text, self.headline = status, text, headline(text)
         super().__init__(f"SciDB at {url}: {endpoint}: {what} (HTTP {status})"
-                         + (f": {first[:300]}" if first else ""))
-        self.status, self.text = status, text
-
-    @property
-    def session_ended(self) -> bool:
-        return self.status in SESSION_ENDED
+                         + (f": {self.headline}" if self.headline else ""))
 
 
 @dataclass
@@ -56,9 +66,9 @@ class Shim:
 
     url: str
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or traceback
     http_user: str | None = None
-    http_password: str | None = None
+    http_password: str | None = field(default=None, repr=False)
     timeout: float = 60.0  # every call but a query, which blocks as long as it runs
     session: str | None = None
 
@@ -83,14 +93,24 @@ class Shim:
                                          data=body, method="POST" if body is not None
                                          else "GET")
         try:
-            with self._opener.open(request, timeout=timeout) as reply:
-                return reply.read()
-        except urllib.error.HTTPError as exc:
-            text = exc.read().decode("utf-8", "replace")
-            raise ShimError(self.url, endpoint, exc.code, text) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise EngineUnavailable(f"SciDB at {self.url}: unreachable ({reason})") from None
+            try:
+                with self._opener.open(request, timeout=timeout) as reply:
+                    return reply.read()
+            except urllib.error.HTTPError as exc:  # its text can be cut short too
+                error = ShimError(self.url, endpoint, exc.code,
+                                  exc.read().decode("utf-8", "replace"))
+        except urllib.error.URLError as exc:  # refused, no such host, connect timed out
+            raise EngineUnavailable(f"SciDB at {self.url}: unreachable ({exc.reason})") \
+                from None
+        except (http.client.HTTPException, OSError) as exc:  # dropped or cut mid-reply
+            raise EngineUnavailable(f"SciDB at {self.url}: connection lost during "
+                                    f"{endpoint} ({exc!r:.200})") from None
+        if error.status == 502:  # shim ended the session: SciDB itself is gone
+            self.session = None
+            raise EngineUnavailable(str(error)) from None
+        if error.status in (404, 500) and endpoint != "release_session":
+            self._end_session(release=error.status == 500)  # the next call opens one
+        raise error from None
 
     # -- the protocol -----------------------------------------------------------------
     def version(self) -> str:
@@ -105,20 +125,23 @@ class Shim:
         return self
 
     def _session(self) -> str:
+        """The session's id, opening one first if there is none (a 404 or 500 ended it)."""
         if self.session is None:
-            raise RuntimeError("no shim session: call open() first")
+            self.open()
         return self.session
 
-    def execute(self, query: str, save: str | None = None, retry: bool = True) -> str:
+    def execute(self, query: str, save: str | None = None, retry: bool = True,
+                timeout: float | None = None) -> str:
         """Run one AFL query; with `save`, its result is kept for `read_bytes`. It blocks
-        as long as the query runs (shim answers when it ends: no timeout), and a Ctrl-C
-        cancels it on the server. Returns SciDB's query id. A lost session (404: shim
-        reaped it; SciDB ran nothing of the query) is opened again once and the query
-        retried, unless `retry` is False (a query that reads the session's upload)."""
-        params = {"id": self._session(), "query": query, "save": save}
+        as long as the query runs (shim answers when it ends: no `timeout` by default),
+        and a Ctrl-C cancels it on the server. Returns SciDB's query id. A lost session
+        (404: shim reaped it; SciDB ran nothing of the query) is opened again once and
+        the query retried, unless `retry` is False (a query that reads the session's
+        upload)."""
         for attempt in (1, 2):
+            params = {"id": self._session(), "query": query, "save": save}
             try:
-                return self._call("execute_query", params, timeout=None).decode().strip()
+                return self._call("execute_query", params, timeout=timeout).decode().strip()
             except KeyboardInterrupt:
                 try:
                     self.cancel()  # the query would run on in the server otherwise
@@ -126,12 +149,8 @@ class Shim:
                     pass
                 raise
             except ShimError as exc:
-                if exc.session_ended:
-                    self.session = None
                 if exc.status != 404 or not retry or attempt == 2:
                     raise
-            self.open()
-            params["id"] = self.session
         raise AssertionError("unreachable")
 
     def upload(self, data: bytes) -> str:
@@ -150,13 +169,17 @@ class Shim:
                 if exc.status != 409:  # nothing running: nothing to cancel
                     raise
 
-    def close(self) -> None:
-        if self.session is not None:
-            session, self.session = self.session, None
+    def _end_session(self, release: bool) -> None:
+        session, self.session = self.session, None
+        if release and session is not None:
             try:
                 self._call("release_session", {"id": session}, timeout=30)
-            except (ShimError, EngineUnavailable):
+            except Exception:
                 pass  # a session the server already ended, or a server gone: nothing left
+
+    def close(self) -> None:
+        """Release the session, if any; never raises (it runs after any failure)."""
+        self._end_session(release=True)
 
     def __enter__(self):
         return self.open()

@@ -1,8 +1,8 @@
 """The SciDB engine without a SciDB server (none can be installed here): the program its
 stream() runs, fed the Feather messages the stream plugin sends and its answers read as
-the plugin reads them (Paradigm4/stream 19.11 src/FeatherInterface.cpp), answers what the
-reference computes; the
-AFL it sends for each step is pinned by a reviewed snapshot; without --scidb-url it is
+the plugin reads them (Paradigm4/stream 19.11 src/FeatherInterface.cpp), run by the
+engine's own step code with the arguments it passes, answers what the reference computes;
+the AFL it sends for each step is pinned by a reviewed snapshot; without --scidb-url it is
 skipped with the reason. (With a server, every other engine test runs on it unchanged.)"""
 import dataclasses
 import os
@@ -20,9 +20,10 @@ import pytest
 from engines.scidb import afl, binary
 from engines.scidb.engine import SciDBEngine
 from engines.scidb.stream_child import ANSWERS, encode_args
-from engines.tolerances import SAME_KERNELS
+from engines.served import AnswerMissing
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
+from tests import neuro_checks
 from tests.astro_checks import assert_outputs_match
 from pipelines import astro, neuro
 from pipelines.errors import EngineUnavailable, InputError
@@ -132,48 +133,37 @@ def volume_cells(volume: np.ndarray, k: int | None = None) -> np.ndarray:
     return np.hstack([np.full((len(xyz), 1), k), xyz, values])
 
 
-def params_of(run):
-    import dataclasses
+def neuro_step(run, step_name, tmp_path, chunks) -> dict:
+    """The engine's own neuroscience step on phantom-tiny with the real child, fed
+    `chunks(args)`: the arguments it passes are the ones the child runs with."""
+    return run_with_child(recording_engine(), neuro, step_name, run.state_before(step_name),
+                          RunContext(tmp_path, neuro.NeuroParams(),
+                                     neuro.NeuroPartitioning()), chunks)
 
-    return dataclasses.asdict(neuro.NeuroParams())
 
-
-def test_child_brain_mask_is_the_reference(run):
+def test_child_brain_mask_is_the_reference(run, tmp_path):
     mean_b0 = run.state["mean_b0"]
-    got = exchange("brain_mask", {"shape": list(mean_b0.shape), "params": params_of(run)},
-                   [as_scidb_sends(volume_cells(mean_b0), {3})])
-    mask = np.zeros(mean_b0.shape, dtype=bool)
-    mask[got["x"], got["y"], got["z"]] = True
-    assert np.array_equal(mask, run.state["mask"])
+    outputs = neuro_step(run, "brain_mask", tmp_path,
+                         lambda args: [as_scidb_sends(volume_cells(mean_b0), {3})])
+    assert np.array_equal(outputs["mask"], run.state["mask"])
 
 
-def test_child_noise_sigma_and_denoise_are_the_reference(run):
+def test_child_noise_sigma_and_denoise_are_the_reference(run, tmp_path):
+    """A volume per chunk, as the series is stored."""
     dwi = run.source.dwi
-    shape = run.state["mask"].shape
-    volumes = [0, 5]  # a b0 and a diffusion-weighted volume, each its own chunk
-    data = {k: neuro.nifti.read_volume(dwi, k) for k in volumes}
-    found = exchange("noise_sigma", {"shape": list(shape), "params": params_of(run)},
-                     [as_scidb_sends(volume_cells(data[k], k), {4}) for k in volumes])
-    got = dict(zip(found["vol"].tolist(), found["sigma"].tolist()))
-    for k in volumes:
-        assert got[k] == pytest.approx(run.state["sigma"][k], rel=1e-12)
-    mask = run.state["mask"].astype(np.float32)
-    chunks = [as_scidb_sends(np.hstack([volume_cells(data[k], k),
-                                        mask.reshape(-1, 1)]), {4}) for k in volumes]
-    cells = exchange("denoise", {"shape": list(shape), "params": params_of(run),
-                                 "sigma": [float(s) for s in run.state["sigma"]]}, chunks)
-    want = np.asarray(nib.load(run.state["denoised"]).dataobj)
-    bound = SAME_KERNELS["denoised"]
-    for k in volumes:
-        mine = cells["vol"] == k
-        got = np.zeros(shape, dtype=np.float32)
-        got[cells["x"][mine], cells["y"][mine], cells["z"][mine]] = cells["v"][mine]
-        diff = np.abs(got - want[..., k])
-        assert (diff <= bound.bound(np.abs(want[..., k]),
-                                    np.abs(want[..., k]).max())).all(), bound.why
+    volumes = [neuro.nifti.read_volume(dwi, k) for k in range(len(run.state["sigma"]))]
+    outputs = neuro_step(run, "noise_sigma", tmp_path, lambda args: [
+        as_scidb_sends(volume_cells(v, k), {4}) for k, v in enumerate(volumes)])
+    assert outputs["sigma"] == pytest.approx(run.state["sigma"], rel=1e-12)
+    mask = run.state["mask"].astype(np.float32).reshape(-1, 1)
+    outputs = neuro_step(run, "denoise", tmp_path, lambda args: [
+        as_scidb_sends(np.hstack([volume_cells(v, k), mask]), {4})
+        for k, v in enumerate(volumes)])
+    neuro_checks.assert_outputs_match(outputs, run.state, ["denoised"])
 
 
-def test_child_fit_tensor_is_the_reference(run):
+def test_child_fit_tensor_is_the_reference(run, tmp_path):
+    """One chunk of every volume's 8x8x8 block at (8, 8, 8): the voxels it answers."""
     denoised = np.asarray(nib.load(run.state["denoised"]).dataobj)
     mask = run.state["mask"]
     block = (slice(8, 16), slice(8, 16), slice(8, 16))
@@ -182,16 +172,12 @@ def test_child_fit_tensor_is_the_reference(run):
         part = volume_cells(denoised[block + (k,)], k)
         part[:, 1:4] += 8  # the block's own coordinates
         cells.append(np.hstack([part, mask[block].reshape(-1, 1)]))
-    got = exchange("fit_tensor", {"params": params_of(run),
-                                  "bvals": np.asarray(run.state["bvals"]).tolist(),
-                                  "bvecs": np.asarray(run.state["bvecs"]).tolist()},
-                   [as_scidb_sends(np.vstack(cells), {4})])
+    outputs = neuro_step(run, "fit_tensor", tmp_path,
+                         lambda args: [as_scidb_sends(np.vstack(cells), {4})])
     for name in ("fa", "md"):
-        want = run.state[name][got["x"], got["y"], got["z"]]
-        bound = SAME_KERNELS[name]
-        assert (np.abs(got[name] - want) <= bound.bound(
-            np.abs(want), np.abs(run.state[name]).max())).all(), name
-    assert len(got["fa"]) == 8 ** 3 and run.state["mask"][block].any()
+        neuro_checks.assert_outputs_match({name: outputs[name][block]},
+                                          {name: run.state[name][block]}, [name])
+    assert run.state["mask"][block].any()
 
 
 def test_child_probe_says_its_python_and_pyarrow():
@@ -220,13 +206,15 @@ def test_child_answers_no_rows_with_no_data_and_ends_at_eof():
 # -- what the engine sends: snapshots ---------------------------------------------------
 
 class RecordingShim:
-    """Records what the engine sends and answers as shim does, with no data: the
-    queries themselves are what is pinned (no result is claimed)."""
+    """Records what the engine sends and answers as shim does: `replies`, in turn, then
+    no data: the queries themselves are what is pinned (no result is claimed)."""
 
-    def __init__(self):
-        self.sent = []
+    timeout = 60.0
 
-    def execute(self, query, save=None, retry=True):
+    def __init__(self, replies=()):
+        self.sent, self.replies = [], list(replies)
+
+    def execute(self, query, save=None, retry=True, timeout=None):
         self.sent.append(query + (f"  -- save {save}" if save else ""))
         return "1"
 
@@ -235,20 +223,39 @@ class RecordingShim:
         return "/tmp/shim_input_buf_0"
 
     def read_bytes(self):
-        return b""
+        return self.replies.pop(0) if self.replies else b""
+
+
+def saved_answers(rows) -> list[bytes]:
+    """What SciDB saves of a stream's answers, all in one chunk: where it is (instance 0,
+    chunk 0), then its rows, each value nullable as stream() makes it (0xFF first): an
+    int64, or a binary value's uint32 byte count and bytes."""
+    where = binary.encode({"i": [0], "c": [0]}, binary.Format.parse("(int64, int64)", "ic"))
+    cells = b"".join(b"\xff" + (struct.pack("<I", len(v)) + v if isinstance(v, bytes)
+                                else struct.pack("<q", v)) for row in rows for v in row)
+    return [where, cells]
+
+
+def coadd_answers(state, ctx) -> list[bytes]:
+    """The child's clipping answer for every patch (weight 1 each visit, the first
+    visit's pixel (0, 0) dropped): what the co-add sends next depends on it."""
+    plan = astro.COADD.plan(state, ctx)
+    return saved_answers([(p, np.ones(len(warps)).tobytes(), np.zeros(3, "<i8").tobytes())
+                          for p, (_, warps) in enumerate(plan.partitions)])
 
 
 def sent_for(pipeline, step_name, run, tmp_path, **options) -> list[str]:
     engine = SciDBEngine(url="http://scidb.example:8080", python="/usr/bin/python3",
                          suite="/srv/image-analytics-bench", **options)
-    engine.shim, engine.token = RecordingShim(), "snap"
     step = pipeline.STEP_BY_NAME[step_name]
     state = run.state_before(step_name)
     ctx = RunContext(tmp_path, pipeline.Params(), pipeline.Partitioning())
+    engine.shim = RecordingShim(coadd_answers(state, ctx) if step_name == "coadd" else ())
+    engine.token = "snap"
     try:
         engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
-    except (InputError, KeyError, EngineUnavailable):  # no data came back: an empty
-        pass  # mask, no sigma, no denoised volume; the queries are what is pinned
+    except (InputError, AnswerMissing):  # no data came back: an empty mask, no sigma,
+        pass  # no denoised volume, no CCD's answer; the queries are what is pinned
     # the stream command's arguments are data (sigma, gradients): not pinned
     return [re.sub(r"(engines\.scidb\.stream_child \w+) [\w=-]+", r"\1 <args>", line)
             for line in engine.shim.sent]
@@ -298,11 +305,11 @@ def test_a_bad_voxel_block_is_refused_in_one_line(text):
 
 def test_close_removes_every_array_it_can():
     """An array a failed query never made is refused by SciDB (406): the others are
-    still removed; a lost server stops the cleanup at once."""
+    still removed (a lost server: test_scidb_protocol's close tests)."""
     from engines.scidb.shim import ShimError
 
     class Refusing(RecordingShim):
-        def execute(self, query, save=None, retry=True):
+        def execute(self, query, save=None, retry=True, timeout=None):
             super().execute(query, save)
             if "never_made" in query:
                 raise ShimError("http://scidb.example:8080", "execute_query", 406,
@@ -337,17 +344,12 @@ def test_afl_literals_and_schemas():
 def test_the_engine_reads_each_answer_back_as_binary():
     """A stream's answers as SciDB saves them: where they are (instance, chunk), then each
     one's typed columns, nullable as stream() makes them (a 0xFF byte before a value)."""
-    class Answering(RecordingShim):
-        replies = [binary.encode({"i": [0, 1], "c": [0, 0]},
-                                 binary.Format.parse("(int64, int64)", "ic"))]
-        replies += [b"\xff" + struct.pack("<q", p) + b"\xff" + struct.pack("<I", len(rows))
-                    + rows for p, rows in ((1, b"\x00\x01"), (0, b""))]
-
-        def read_bytes(self):
-            return self.replies.pop(0)
-
+    where = binary.encode({"i": [0, 1], "c": [0, 0]},
+                          binary.Format.parse("(int64, int64)", "ic"))
     engine = SciDBEngine(url="http://scidb.example:8080")
-    engine.shim, engine.token = Answering(), "t"
+    engine.shim = RecordingShim([where, saved_answers([(1, b"\x00\x01")])[1],
+                                 saved_answers([(0, b"")])[1]])
+    engine.token = "t"
     found = engine._stream("coadds", "detect", {})
     assert found["p"].tolist() == [1, 0] and found["rows"].tolist() == [b"\x00\x01", b""]
     assert engine.shim.sent[-1] == "project(between(iab_t_detect_0, 1, 0, null, 1, 0, " \
@@ -378,18 +380,18 @@ def plane_cells(path, names, *lead) -> dict[str, np.ndarray]:
     return sends(*[np.full(y.size, k) for k in lead], y, x, *[p.ravel() for p in planes])
 
 
-def run_with_child(engine, step_name, state, ctx, chunks):
+def run_with_child(engine, pipeline, step_name, state, ctx, chunks):
     """The engine's own step, with SciDB's part played by `chunks(args)` (the messages
-    its stream() would send: one chunk per CCD, part or patch) and the real child."""
-    def stream(source, step, args):
-        return exchange(step, args, chunks(args))
+    its stream() would send, given the arguments the engine passes: one chunk per CCD,
+    part, patch or volume) and the real child."""
+    def answers(source, step, args):
+        yield exchange(step, args, chunks(args))
 
-    engine._stream = stream
-    step = astro.STEP_BY_NAME[step_name]
-    return engine.run_step(step, state, ctx).outputs
+    engine._answers = answers
+    return engine.run_step(pipeline.STEP_BY_NAME[step_name], state, ctx).outputs
 
 
-def astro_engine():
+def recording_engine():
     engine = SciDBEngine(url="http://scidb.example:8080")
     engine.shim, engine.token = RecordingShim(), "test"
     return engine
@@ -399,8 +401,8 @@ def test_child_calibrate_is_the_reference(survey, tmp_path):
     state = survey.state_before("calibrate")
     ccds = list(state["ccds"])
     outputs = run_with_child(
-        astro_engine(), "calibrate", state, RunContext(tmp_path, astro.AstroParams(),
-                                                      astro.AstroPartitioning()),
+        recording_engine(), astro, "calibrate", state,
+        RunContext(tmp_path, astro.AstroParams(), astro.AstroPartitioning()),
         lambda args: [plane_cells(c.path, ("IMAGE", "MASK", "VARIANCE"), k)
                       for k, c in enumerate(ccds)])
     assert_outputs_match(outputs, survey.state, list(astro.CALIBRATE.outputs))
@@ -415,7 +417,7 @@ def test_child_warp_is_the_reference(survey, tmp_path):
         return [joined([plane_cells(paths[c], ("IMAGE", "MASK", "VARIANCE"), j, c)
                         for c in part["ccds"]]) for j, part in enumerate(args["parts"])]
 
-    outputs = run_with_child(astro_engine(), "warp", state, RunContext(
+    outputs = run_with_child(recording_engine(), astro, "warp", state, RunContext(
         tmp_path, astro.AstroParams(), astro.AstroPartitioning()), chunks)
     assert_outputs_match(outputs, survey.state, ["warps"])
 
@@ -423,7 +425,7 @@ def test_child_warp_is_the_reference(survey, tmp_path):
 def test_child_detect_is_the_reference(survey, tmp_path):
     state = survey.state_before("detect")
     patches = sorted(state["coadds"].items())
-    outputs = run_with_child(astro_engine(), "detect", state, RunContext(
+    outputs = run_with_child(recording_engine(), astro, "detect", state, RunContext(
         tmp_path, astro.AstroParams(), astro.AstroPartitioning()),
         lambda args: [plane_cells(path, ("IMAGE", "VARIANCE"), p)
                       for p, (_, path) in enumerate(patches)])

@@ -2,18 +2,24 @@
 pin down (no SciDB server runs here, and nothing else is claimed): the binary cell format
 of SciDB's `input()` / `save()`, byte for byte, and the shim client's handling of each
 reply shim 19.11 gives (its status codes and bodies, as shim's tests/status_code.sh
-expects them), served by a local HTTP server that plays them back."""
+expects them), served by a local HTTP server that plays them back; and the engine's own
+handling of them (start-up, a server lost mid-step, its cleanup)."""
 import http.server
+import signal
 import struct
 import threading
+import time
 import urllib.parse
 
 import numpy as np
 import pytest
 
 from engines.scidb import binary
+from engines.scidb.engine import SciDBEngine
 from engines.scidb.shim import Shim, ShimError
-from pipelines.errors import EngineUnavailable
+from pipelines import neuro
+from pipelines.errors import EngineLost, EngineUnavailable
+from pipelines.steps import RunContext
 
 pytestmark = pytest.mark.correctness
 
@@ -84,7 +90,9 @@ def test_binary_refuses_partial_cells_and_null_integers():
 
 class Replay(http.server.BaseHTTPRequestHandler):
     """Plays shim: `script` maps an endpoint to a list of (status, body) replies, used in
-    turn; every request is logged as (method, endpoint, params, body)."""
+    turn (a callable gives its reply when the request comes; ("drop", bytes) sends those
+    raw bytes and closes the connection); every request is logged as (method, endpoint,
+    params, body)."""
 
     script: dict = {}
     log: list = []
@@ -95,13 +103,21 @@ class Replay(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
         endpoint = url.path.strip("/")
         self.log.append((self.command, endpoint, params, body))
-        status, text = self.script[endpoint].pop(0)
+        reply = self.script[endpoint].pop(0)
+        status, text = reply() if callable(reply) else reply
+        if status == "drop":
+            self.wfile.write(text)
+            self.close_connection = True
+            return
         data = text.encode() if isinstance(text, str) else text
-        self.send_response(status, "OK" if status == 200 else "ERROR")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Content-Type", "text/plain" if status == 200 else "text/html")
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status, "OK" if status == 200 else "ERROR")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Type", "text/plain" if status == 200 else "text/html")
+            self.end_headers()
+            self.wfile.write(data)
+        except BrokenPipeError:  # the client left (a Ctrl-C): no one to answer
+            pass
 
     do_GET = do_POST = _reply
 
@@ -167,9 +183,17 @@ def test_a_failed_query_is_one_line_and_the_session_lives(shim_server):
     with pytest.raises(ShimError) as err:
         shim.execute("scan(nope)")
     assert str(err.value) == (f"SciDB at {url}: execute_query: query failed (HTTP 406): "
-                              f"UserQueryException in file: src/query/ops/scan/"
-                              f"LogicalScan.cpp function: inferSchema line: 78")
+                              f"Error description: Query processor error. Array "
+                              f"'public.nope' does not exist.")
     assert err.value.text == error and shim.session == SESSION  # a 4xx keeps the session
+
+
+@pytest.mark.parametrize("text,line", [
+    ("UserQueryException in file: x.cpp line: 1\nError id: scidb::SCIDB_SE_X::Y\n",
+     "Error id: scidb::SCIDB_SE_X::Y"),
+    ("Session not found", "Session not found"), ("", "")])
+def test_an_error_without_a_description_says_its_id_or_first_line(text, line):
+    assert ShimError("u", "e", 406, text).headline == line
 
 
 def test_a_lost_session_is_reopened_once(shim_server):
@@ -183,17 +207,100 @@ def test_a_lost_session_is_reopened_once(shim_server):
     assert replay.log[-1][2]["id"] == "x" * 32
 
 
-def test_a_lost_scidb_connection_ends_the_session(shim_server):
+def test_a_lost_scidb_connection_is_a_server_gone(shim_server):
+    """502: shim ended the session itself; SciDB cannot go on (EngineUnavailable, which
+    a step turns into EngineLost)."""
     url, replay = shim_server
     replay.script = {"new_session": [(200, SESSION)],
                      "execute_query": [(502, "SciDB connection failed")]}
     shim = Shim(url).open()
-    with pytest.raises(ShimError, match=r"SciDB connection lost \(session ended\) \(HTTP "
-                                        r"502\): SciDB connection failed"):
+    with pytest.raises(EngineUnavailable, match=rf"^SciDB at {url}: execute_query: SciDB "
+                                                r"connection lost \(session ended\) \(HTTP "
+                                                r"502\): SciDB connection failed$"):
         shim.execute("list()")
     assert shim.session is None
     shim.close()  # nothing to release: no request
     assert [entry[1] for entry in replay.log] == ["new_session", "execute_query"]
+
+
+def test_after_a_shim_failure_the_next_query_runs_in_a_new_session(shim_server):
+    """500: shim leaves the session to the client, which releases it; the next call opens
+    a new one."""
+    url, replay = shim_server
+    replay.script = {"new_session": [(200, SESSION), (200, "x" * 32)],
+                     "execute_query": [(500, "Out of memory"), (200, "8")],
+                     "release_session": [(200, ""), (200, "")]}
+    shim = Shim(url).open()
+    with pytest.raises(ShimError, match=r"shim failed \(session ended\) \(HTTP 500\): "
+                                        r"Out of memory$"):
+        shim.execute("list()")
+    assert shim.execute("list()") == "8"
+    shim.close()
+    assert [(e[1], e[2].get("id")) for e in replay.log] == [
+        ("new_session", None), ("execute_query", SESSION), ("release_session", SESSION),
+        ("new_session", None), ("execute_query", "x" * 32), ("release_session", "x" * 32)]
+
+
+def test_a_step_whose_server_is_lost_is_engine_lost(shim_server, tmp_path):
+    url, replay = shim_server
+    replay.script = {"new_session": [(200, SESSION)],
+                     "execute_query": [(502, "SciDB connection failed")]}
+    engine = SciDBEngine(url=url)
+    engine.shim = Shim(url).open()
+    with pytest.raises(EngineLost, match=r"SciDB connection failed \(during brain_mask\)$"):
+        engine.run_step(neuro.BRAIN_MASK, {"mean_b0": np.ones((2, 2, 2), np.float32)},
+                        RunContext(tmp_path, neuro.NeuroParams(), neuro.NeuroPartitioning()))
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n12",  # a body cut short
+    b"SciDB went aw\r\n\r\n",  # a garbled status line
+], ids=["truncated-body", "garbled-status"])
+def test_a_dropped_connection_is_one_line_naming_the_server(shim_server, raw):
+    url, replay = shim_server
+    replay.script = {"new_session": [(200, SESSION)], "execute_query": [("drop", raw)]}
+    shim = Shim(url).open()
+    with pytest.raises(EngineUnavailable, match=rf"^SciDB at {url}: connection lost during "
+                                                r"execute_query \((IncompleteRead|"
+                                                r"BadStatusLine)\(") as err:
+        shim.execute("list()")
+    assert "\n" not in str(err.value)
+
+
+def test_ctrl_c_while_a_query_runs_cancels_it_on_the_server(shim_server):
+    """SIGINT reaches the client blocked on execute_query: it asks shim to cancel the
+    query (which then ends), then the KeyboardInterrupt goes on."""
+    url, replay = shim_server
+    cancelled = threading.Event()
+
+    def running():  # the query blocks until it is cancelled
+        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident,
+                                                   signal.SIGINT)).start()
+        assert cancelled.wait(30)
+        return 406, "Error description: Query was cancelled."
+
+    def cancel():
+        cancelled.set()
+        return 200, ""
+
+    replay.script = {"new_session": [(200, SESSION)], "execute_query": [running],
+                     "cancel": [cancel]}
+    shim = Shim(url).open()
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            shim.execute("build(<v:double>[i=0:9], i)")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [(e[1], e[2]["id"]) for e in replay.log[1:]] == [("execute_query", SESSION),
+                                                            ("cancel", SESSION)]
+
+
+def test_credentials_stay_out_of_its_repr():
+    shim = Shim("http://h:8080", user="iab", password="s3cret", http_user="web",
+                http_password="t0ken")
+    assert "s3cret" not in repr(shim) and "t0ken" not in repr(shim) and "iab" in repr(shim)
 
 
 @pytest.mark.parametrize("status,body,says", [
@@ -218,3 +325,72 @@ def test_cancel_with_nothing_running_is_quiet(shim_server):
 def test_an_unreachable_server_is_one_line():
     with pytest.raises(EngineUnavailable, match=r"SciDB at http://127.0.0.1:9: unreachable"):
         Shim("http://127.0.0.1:9", timeout=5).open()
+
+
+# -- the engine's start and cleanup against shim's replies ---------------------------------
+
+@pytest.mark.parametrize("script,says", [
+    ({"new_session": [(401, "SciDB authentication failed")]},
+     "new_session: authentication refused (HTTP 401): SciDB authentication failed"),
+    ({"new_session": [(503, "Out of resources")]},
+     "new_session: no free shim session (HTTP 503): Out of resources"),
+    ({"new_session": [(200, SESSION)], "release_session": [(200, "")],
+      "execute_query": [(406, "Error description: Access denied.")]},
+     "execute_query: query failed (HTTP 406): Error description: Access denied."),
+], ids=["refused", "full", "probe-refused"])
+def test_a_server_that_refuses_at_start_is_unavailable_once(shim_server, script, says):
+    """Refused credentials, no free session, a refused probe: EngineUnavailable in one
+    line, so pytest skips the engine's tests with it, asking the server once."""
+    from conftest import LiveEngine
+
+    url, replay = shim_server
+    replay.script = script
+
+    class Config:
+        def getoption(self, dest):
+            return url if dest == "scidb_url" else None
+
+    live = LiveEngine(Config())
+    for _ in range(2):
+        with pytest.raises(pytest.skip.Exception, match=r".*") as err:
+            live.get("scidb")
+        assert str(err.value) == f"engine scidb unavailable: SciDB at {url}: {says}"
+    assert not any(replay.script.values())  # each reply used once: the release too
+    assert sum(e[1] == "new_session" for e in replay.log) == 1
+
+
+def test_close_stops_at_a_lost_server_and_never_raises(shim_server):
+    """The first remove finds the connection dropped: no other remove is tried (each would
+    wait for the server), the release is tried and its failure kept quiet."""
+    url, replay = shim_server
+    replay.script = {"new_session": [(200, SESSION)],
+                     "execute_query": [("drop", b"garbled\r\n\r\n")],
+                     "release_session": [("drop", b"")]}
+    engine = SciDBEngine(url=url)
+    engine.shim, engine.arrays = Shim(url).open(), ["a", "b", "c"]
+    engine.close()
+    assert [(e[1], e[2].get("query")) for e in replay.log] == [
+        ("new_session", None), ("execute_query", "remove(c)"), ("release_session", None)]
+    assert engine.shim is None and engine.arrays == []
+
+
+def test_close_after_the_server_went_away_does_not_raise_or_wait():
+    engine = SciDBEngine(url="http://127.0.0.1:9")
+    engine.shim = Shim("http://127.0.0.1:9", session=SESSION)
+    engine.arrays = ["a", "b"]
+    began = time.monotonic()
+    engine.close()
+    assert time.monotonic() - began < 10 and engine.shim is None
+
+
+def test_close_after_a_shim_failure_reopens_once_to_remove_its_arrays(shim_server):
+    url, replay = shim_server
+    replay.script = {"new_session": [(200, "x" * 32)],
+                     "execute_query": [(200, "1"), (200, "2")],
+                     "release_session": [(200, "")]}
+    engine = SciDBEngine(url=url)
+    engine.shim, engine.arrays = Shim(url), ["a", "b"]  # its session ended by a 500
+    engine.close()
+    assert [(e[1], e[2].get("query")) for e in replay.log] == [
+        ("new_session", None), ("execute_query", "remove(b)"), ("execute_query", "remove(a)"),
+        ("release_session", None)]
