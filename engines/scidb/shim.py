@@ -134,10 +134,10 @@ class Shim:
                 timeout: float | None = None) -> str:
         """Run one AFL query; with `save`, its result is kept for `read_bytes`. It blocks
         as long as the query runs (shim answers when it ends: no `timeout` by default),
-        and a Ctrl-C cancels it on the server. Returns SciDB's query id. A lost session
-        (404: shim reaped it; SciDB ran nothing of the query) is opened again once and
-        the query retried, unless `retry` is False (a query that reads the session's
-        upload)."""
+        and a Ctrl-C asks shim to cancel it on the server. Returns SciDB's query id. A
+        lost session (404: shim reaped it; SciDB ran nothing of the query) is opened again
+        once and the query retried, unless `retry` is False (a query that reads the
+        session's upload)."""
         for attempt in (1, 2):
             params = {"id": self._session(), "query": query, "save": save}
             try:

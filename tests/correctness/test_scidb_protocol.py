@@ -376,7 +376,7 @@ def test_close_stops_at_a_lost_server_and_never_raises(shim_server):
 
 def test_close_after_the_server_went_away_does_not_raise_or_wait():
     engine = SciDBEngine(url="http://127.0.0.1:9")
-    engine.shim = Shim("http://127.0.0.1:9", session=SESSION)
+    engine.shim = Shim("http://127.0.0.1:9", timeout=2, session=SESSION)
     engine.arrays = ["a", "b"]
     began = time.monotonic()
     engine.close()
