@@ -89,6 +89,9 @@ class MyriaEngine(Engine):
                 self.rest.register(udf.registration(step, output, multivalued, self.python,
                                                     self.suite, self.stage))
             self._probe()
+        except MyriaError as exc:  # it answered, but not as a usable Myria does: absent
+            self.close()
+            raise EngineUnavailable(str(exc)) from None
         except BaseException:
             self.close()
             raise
