@@ -149,9 +149,16 @@ def _volume_bytes(state) -> int:
 
 def mean_b0_kernel(part):
     dwi, indices = part
-    total = nifti.read_volume(dwi, indices[0]).astype(np.float64)
-    for k in indices[1:]:
-        total += nifti.read_volume(dwi, k)
+    return sum_volumes(nifti.read_volume(dwi, k) for k in indices)
+
+
+def sum_volumes(volumes) -> np.ndarray:
+    """Volumes summed in the order given, in float64: the kernel's sum, and the Myria
+    UDF's over the volumes it was sent (one summation, so theirs cannot drift apart)."""
+    volumes = iter(volumes)
+    total = next(volumes).astype(np.float64)
+    for volume in volumes:
+        total += volume
     return total
 
 

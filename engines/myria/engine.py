@@ -32,6 +32,7 @@ from pipelines import nifti
 from pipelines.errors import EngineUnavailable
 
 from ..base import Engine, native
+from ..served import every_part, keep_file, step_args
 from . import blob, myrial, udf, udf_child
 from .rest import Myria, MyriaError
 
@@ -88,6 +89,9 @@ class MyriaEngine(Engine):
                 self.rest.register(udf.registration(step, output, multivalued, self.python,
                                                     self.suite, self.stage))
             self._probe()
+        except MyriaError as exc:  # it answered, but not as a usable Myria does: absent
+            self.close()
+            raise EngineUnavailable(str(exc)) from None
         except BaseException:
             self.close()
             raise
@@ -215,18 +219,8 @@ class MyriaEngine(Engine):
                                    self._run(args), out, mask))
         return out
 
-    def _all_parts(self, got: dict, count: int, step: str) -> list:
-        missing = sorted(set(range(count)) - set(got))
-        if missing:
-            raise EngineUnavailable(f"Myria at {self.url}: {step} returned no part "
-                                    f"{missing[0]} ({len(missing)} missing)")
-        return [got[i] for i in range(count)]
-
-    @staticmethod
-    def _params(ctx) -> dict:
-        import dataclasses
-
-        return dataclasses.asdict(ctx.params)
+    def _every_part(self, got: dict, count: int, step: str) -> list:
+        return every_part(got, count, f"Myria at {self.url}", step)
 
     # -- the steps ----------------------------------------------------------------------
     @native("mean_b0")
@@ -235,25 +229,25 @@ class MyriaEngine(Engine):
         out = self._grouped("mean_b0", "the b0 volumes summed, a partial sum per part of "
                             "the plan", series, [g for _, g in plan.partitions], {})
         sums = {part: arrays[0] for part, arrays in self._by_key(out, "part")}
-        return plan.combine(self._all_parts(sums, len(plan.partitions), step.name))
+        return plan.combine(self._every_part(sums, len(plan.partitions), step.name))
 
     @native("brain_mask")
     def brain_mask(self, step, state, ctx, plan):
         volume = self._ingest(["subjId"], [(SUBJECT,)], [state["mean_b0"]], "mean_b0")
         out = self._relation("mask_out")
         self._query(myrial.brain_mask(volume, self._udf("brain_mask"),
-                                      self._run({"params": self._params(ctx)}), out))
+                                      self._run(step_args(ctx)), out))
         masks = [arrays[0] for _, arrays in self._by_key(out, "subjId", "mask")]
-        return plan.combine(self._all_parts(dict(enumerate(masks)), 1, step.name))
+        return plan.combine(self._every_part(dict(enumerate(masks)), 1, step.name))
 
     @native("noise_sigma")
     def noise_sigma(self, step, state, ctx, plan):
         series = self._series(state["dwi"], state["n_volumes"])
         out = self._grouped("noise_sigma", "each volume's noise, a part of the plan per "
                             "group", series, [g for _, g in plan.partitions],
-                            {"params": self._params(ctx)})
+                            step_args(ctx))
         sigma = {part: arrays[0].tolist() for part, arrays in self._by_key(out, "part")}
-        return plan.combine(self._all_parts(sigma, len(plan.partitions), step.name))
+        return plan.combine(self._every_part(sigma, len(plan.partitions), step.name))
 
     @native("denoise")
     def denoise(self, step, state, ctx, plan):
@@ -261,8 +255,7 @@ class MyriaEngine(Engine):
         groups = [[k for k, _ in items] for _, _, items in plan.partitions]
         out = self._grouped("denoise", "non-local means per volume, the mask joined in "
                             "(broadcast), a part of the plan per group", series, groups,
-                            {"params": self._params(ctx),
-                             "sigma": [float(s) for s in state["sigma"]]},
+                            step_args(ctx, sigma=[float(s) for s in state["sigma"]]),
                             mask=self._mask(state["mask"]))
         target = plan.partitions[0][1]  # the plan made the output file
         written = set()
@@ -271,7 +264,7 @@ class MyriaEngine(Engine):
                 nifti.write_volume(target, k, volume)
                 written.add(k)
             self._report(step.name, len(written), state["n_volumes"])
-        self._all_parts(dict.fromkeys(written), state["n_volumes"], step.name)
+        self._every_part(dict.fromkeys(written), state["n_volumes"], step.name)
         return plan.combine([])
 
     @native("fit_tensor")
@@ -282,12 +275,12 @@ class MyriaEngine(Engine):
         out = self._relation("fit_tensor")
         self._query(myrial.fit_tensor(
             series, mask, self._udf("split_blocks"), self._udf("fit_tensor"),
-            self._run({"params": self._params(ctx),
-                       "bvals": np.asarray(state["bvals"]).tolist(),
-                       "bvecs": np.asarray(state["bvecs"]).tolist(),
-                       "blocks": [[[s.start, s.stop] for s in b] for b in blocks]}), out))
+            self._run(step_args(ctx, bvals=np.asarray(state["bvals"]).tolist(),
+                                bvecs=np.asarray(state["bvecs"]).tolist(),
+                                blocks=[[[s.start, s.stop] for s in b] for b in blocks])),
+            out))
         fits = {i: (blocks[i], fa, md) for i, (fa, md) in self._by_key(out, "flatmapid")}
-        return plan.combine(self._all_parts(fits, len(blocks), step.name))
+        return plan.combine(self._every_part(fits, len(blocks), step.name))
 
     # -- astronomy ----------------------------------------------------------------------
     def _fits_files(self, keys: list[str], rows, paths, what: str) -> str:
@@ -296,38 +289,23 @@ class MyriaEngine(Engine):
         return self._ingest(keys, rows, (np.frombuffer(Path(p).read_bytes(), np.uint8)
                                          for p in paths), what)
 
-    def _astro_args(self, ctx, state, **more) -> dict:
-        import dataclasses
-
-        return {"params": self._params(ctx), "skymap": dataclasses.asdict(state["skymap"]),
-                **more}
-
     def _each(self, step: str, why: str, table: str, keys: list[str], args: dict) -> str:
         out = self._relation(step)
         self._query(myrial.each(step, why, table, keys, self._udf(step), self._run(args),
                                 out))
         return out
 
-    def _answers(self, out: str, keys: list, step: str) -> list:
-        """The child's answers (facts, file bytes, arrays) in the order of the plan's
-        `keys`, every one answered."""
+    def _answers(self, out: str, keys: list, step: str, ctx) -> list:
+        """The child's answers (facts, its output file kept under the run folder, arrays)
+        in the order of the plan's `keys`, every one answered."""
         index = {key: i for i, key in enumerate(keys)}
         got = {}
         for row in self.rest.rows(out):
             meta, data, *arrays = blob.decode(_bytes(row["value"]))
             meta = json.loads(meta.tobytes())
-            got[index[udf_child.as_tuples(meta["key"])]] = (meta, data.tobytes(), arrays)
-        return self._all_parts(got, len(keys), step)
-
-    @staticmethod
-    def _keep(meta: dict, data: bytes, ctx) -> str | None:
-        """The kernel's output file as the child sent it, under the run folder."""
-        if meta["name"] is None:
-            return None
-        path = Path(ctx.workdir) / meta["name"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return str(path)
+            got[index[udf_child.as_tuples(meta["key"])]] = (
+                meta["facts"], keep_file(ctx.workdir, meta["name"], data.tobytes()), arrays)
+        return self._every_part(got, len(keys), step)
 
     def _shuffle_args(self, shuffle, files: dict) -> dict:
         """The plan's shuffle for the child: its emit and make by name, its records by the
@@ -345,15 +323,14 @@ class MyriaEngine(Engine):
         table = self._fits_files(["visit", "ccd"], [c.key for c in ccds],
                                  [c.path for c in ccds], "raw")
         out = self._each("calibrate", "a UDF per CCD: its raw file to its calexp, facts "
-                         "and saturated stars", table, ["visit", "ccd"], self._astro_args(
+                         "and saturated stars", table, ["visit", "ccd"], step_args(
                              ctx, state, ccds=[[*c.key, c.path, list(c.shape)] for c in ccds]))
         results = []
-        for ccd, (meta, data, arrays) in zip(ccds, self._answers(out, [c.key for c in ccds],
-                                                                  step.name)):
-            facts = meta["facts"]
+        for ccd, (facts, path, arrays) in zip(ccds, self._answers(
+                out, [c.key for c in ccds], step.name, ctx)):
             if arrays:
                 facts["saturated"] = arrays[0]
-            results.append((ccd.key, self._keep(meta, data, ctx), facts))
+            results.append((ccd.key, path, facts))
         return plan.combine(results)
 
     @native("warp")
@@ -362,13 +339,13 @@ class MyriaEngine(Engine):
         table = self._fits_files(["visit", "ccd"], list(calexps), list(calexps.values()),
                                  "calexps")
         out = self._relation("warp")
-        args = self._astro_args(ctx, state, **self._shuffle_args(
+        args = step_args(ctx, state, **self._shuffle_args(
             plan.shuffle, {path: key for key, path in calexps.items()}))
         self._query(myrial.warp(table, self._udf("warp_emit"), self._udf("warp"),
                                 self._run(args), out))
         keys = [(visit, patch) for visit, patch, _ in plan.partitions]
-        return plan.combine([(*key, self._keep(meta, data, ctx)) for key, (meta, data, _)
-                             in zip(keys, self._answers(out, keys, step.name))])
+        return plan.combine([(*key, path) for key, (_, path, _)
+                             in zip(keys, self._answers(out, keys, step.name, ctx))])
 
     @native("coadd")
     def coadd(self, step, state, ctx, plan):
@@ -378,12 +355,12 @@ class MyriaEngine(Engine):
         table = self._fits_files(["visit", "patch"], list(keys.values()), list(keys),
                                  "warps")
         out = self._relation("coadd")
-        args = self._astro_args(ctx, state, strip_rows=ctx.partitioning.coadd_strip_rows,
-                                **self._shuffle_args(plan.shuffle, keys))
+        args = step_args(ctx, state, strip_rows=ctx.partitioning.coadd_strip_rows,
+                         **self._shuffle_args(plan.shuffle, keys))
         self._query(myrial.coadd(table, self._udf("coadd"), self._run(args), out))
         patches = [patch for patch, _ in plan.partitions]
-        return plan.combine([(patch, self._keep(meta, data, ctx)) for patch, (meta, data, _)
-                             in zip(patches, self._answers(out, patches, step.name))])
+        return plan.combine([(patch, path) for patch, (_, path, _)
+                             in zip(patches, self._answers(out, patches, step.name, ctx))])
 
     @native("detect")
     def detect(self, step, state, ctx, plan):
@@ -394,10 +371,10 @@ class MyriaEngine(Engine):
                                              for p in patches],
                                  [path for _, path in plan.partitions], "coadds")
         out = self._each("detect", "a UDF per coadd patch: its sources", table, ["patch"],
-                         self._astro_args(ctx, state, saturated=base64.b64encode(
+                         step_args(ctx, state, saturated=base64.b64encode(
                              state["saturated"].tobytes()).decode()))
         return plan.combine([(patch, arrays[0]) for patch, (_, _, arrays)
-                             in zip(patches, self._answers(out, patches, step.name))])
+                             in zip(patches, self._answers(out, patches, step.name, ctx))])
 
 
 def _leaves(value):

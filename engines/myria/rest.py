@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipelines.errors import EngineUnavailable
 
@@ -68,7 +68,7 @@ class Myria:
     # Myria 2017-09 asks for none (its admin filter guards no endpoint); a proxy in front
     # of it may want HTTP Basic: the engine passes MYRIA_USER / MYRIA_PASSWORD, if set
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or traceback
 
     def __post_init__(self):
         self.url = self.url.rstrip("/")
@@ -97,13 +97,25 @@ class Myria:
             raise EngineUnavailable(f"Myria at {self.url}: unreachable or connection "
                                     f"lost ({reason})") from None
 
-    def json(self, method: str, path: str, body=None, timeout: float | None = -1.0):
-        status, _, data = self.call(method, path, body, timeout)
+    def reply(self, method: str, path: str, body=None, timeout: float | None = -1.0):
+        """(status, headers, the body read as JSON) of one request; a body that is not
+        JSON (a proxy's HTML page, say) is a MyriaError, not a JSONDecodeError."""
+        status, headers, data = self.call(method, path, body, timeout)
         try:
-            return json.loads(data) if data.strip() else None
+            return status, headers, json.loads(data) if data.strip() else None
         except ValueError:
             raise MyriaError(self.url, f"{method} {path}", status,
                              f"not JSON: {data[:200]!r}") from None
+
+    def json(self, method: str, path: str, body=None, timeout: float | None = -1.0):
+        return self.reply(method, path, body, timeout)[2]
+
+    def _query_status(self, method: str, path: str, body=None):
+        status, headers, reply = self.reply(method, path, body)
+        if not isinstance(reply, dict):
+            raise MyriaError(self.url, f"{method} {path}", status,
+                             f"not a query status: {reply!r:.200}")
+        return status, headers, reply
 
     # -- the protocol -------------------------------------------------------------------
     def alive_workers(self) -> list[int]:
@@ -135,23 +147,25 @@ class Myria:
     def run(self, plan: dict) -> dict:
         """Submit a JSON plan and wait for it; returns the final status of a SUCCESS.
         ERROR, KILLED or UNKNOWN raise MyriaError with one line of `message`. Ctrl-C
-        kills the query on the server (DELETE) before it is re-raised."""
-        status, headers, data = self.call("POST", "/query", plan)
-        reply = json.loads(data)
-        query = reply.get("queryId")
-        # polled on this client's base URL: the server builds Location from its own view
-        # of the host, which a proxy or a tunnel may not share
-        location = headers.get("Location") or f"/query/query-{query}"
-        where = urllib.parse.urlsplit(location).path or f"/query/query-{query}"
-        wait = self.poll
+        kills the query on the server (DELETE) before it is re-raised, once its id came
+        back (a Ctrl-C during the POST itself leaves nothing to name), and so does a
+        reply while waiting that is not a query status."""
+        where = None
         try:
+            status, headers, reply = self._query_status("POST", "/query", plan)
+            query = reply.get("queryId")
+            # polled on this client's base URL: the server builds Location from its own
+            # view of the host, which a proxy or a tunnel may not share
+            location = headers.get("Location") or f"/query/query-{query}"
+            where = urllib.parse.urlsplit(location).path or f"/query/query-{query}"
+            wait = self.poll
             while status == 202 and reply.get("status") not in FINISHED:
                 time.sleep(wait)
                 wait = min(wait * 2, self.poll_max)
-                status, _, data = self.call("GET", where)
-                reply = json.loads(data)
-        except KeyboardInterrupt:
-            self.kill(where)
+                status, _, reply = self._query_status("GET", where)
+        except (KeyboardInterrupt, MyriaError):
+            if where is not None:
+                self.kill(where)
             raise
         if reply.get("status") != "SUCCESS":
             raise MyriaError(self.url, f"query {query} ended {reply.get('status')}", None,

@@ -66,13 +66,12 @@ def probe(tuples, args):
 
 
 def mean_b0(tuples, args):
-    """A group of b0 volumes (state, run, imgId, img) -> their float64 sum, summed in
-    image order as pipelines.neuro.mean_b0_kernel sums them."""
-    rows = _by_image(tuples, 2)
-    total = _array(rows[0][3], f"volume {rows[0][2]}")[0].astype(np.float64)
-    for row in rows[1:]:
-        total += _array(row[3], f"volume {row[2]}")[0]
-    return [blob.pack([total])]
+    """A group of b0 volumes (state, run, imgId, img) -> their float64 sum, in image
+    order, by the kernel's own summation."""
+    from pipelines.neuro import sum_volumes
+
+    return [blob.pack([sum_volumes(_array(img, f"volume {k}")[0]
+                                   for _, _, k, img in _by_image(tuples, 2))])]
 
 
 def brain_mask(tuples, args):

@@ -17,11 +17,12 @@ import pytest
 
 from engines.myria import blob, udf
 from engines.myria.engine import MyriaEngine
+from engines.served import AnswerMissing
 from engines.tolerances import SAME_KERNELS
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
 from pipelines import astro, neuro, nifti
-from pipelines.errors import EngineUnavailable, InputError
+from pipelines.errors import EngineUnavailable
 from pipelines.steps import RunContext
 
 pytestmark = pytest.mark.correctness
@@ -154,7 +155,7 @@ def sent_for(pipeline, step_name, run, tmp_path):
     step = pipeline.STEP_BY_NAME[step_name]
     state = run.state_before(step_name)
     ctx = RunContext(tmp_path, pipeline.Params(), pipeline.Partitioning())
-    with pytest.raises((EngineUnavailable, InputError, IndexError)):
+    with pytest.raises(AnswerMissing):
         # no data came back: no part, no mask; what was sent is what is pinned
         engine.native_steps[step_name](engine, step, state, ctx, step.plan(state, ctx))
     myrial_text, plans = [], []
@@ -246,3 +247,21 @@ def test_an_unreachable_server_is_one_line(tmp_path):
     with pytest.raises(EngineUnavailable, match=r"^Myria at http://127.0.0.1:9: "
                                                 r"unreachable or connection lost"):
         MyriaEngine(url="http://127.0.0.1:9", stage=str(tmp_path)).start()
+
+
+def test_an_answer_naming_a_file_outside_the_run_folder_is_refused(tmp_path):
+    """The child names its output file; a name that leaves the run folder is not written
+    (engines.served.keep_file)."""
+    meta = json.dumps({"key": [0], "name": "../escaped.fits", "facts": {}}).encode()
+    value = blob.encode(np.frombuffer(meta, np.uint8), np.frombuffer(b"SIMPLE", np.uint8))
+
+    class Answering:
+        def rows(self, name):
+            yield {"value": base64.b64encode(value).decode()}
+
+    engine = MyriaEngine(url="http://myria.example:8753", stage=str(tmp_path))
+    engine.rest = Answering()
+    ctx = RunContext(tmp_path / "run", astro.AstroParams(), astro.AstroPartitioning())
+    with pytest.raises(AnswerMissing, match="outside the run folder: '../escaped.fits'"):
+        engine._answers("out", [(0,)], "coadd", ctx)
+    assert not (tmp_path / "escaped.fits").exists()

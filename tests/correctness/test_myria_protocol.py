@@ -275,6 +275,7 @@ def test_a_404_plain_text_reply_is_one_line(myria_server):
     replay.script = {("POST", "/query"): [(202, status(8, "ACCEPTED"),
                                            {"Location": f"{url}/query/query-8"})],
                      ("GET", "/query/query-8"): [(404, "Query 8 was not found", {})]}
+    replay.script[("DELETE", "/query/query-8")] = [(404, "Query 8 was not found", {})]
     with pytest.raises(MyriaError) as err:
         fast(url).run(PLAN)
     assert str(err.value) == (f"Myria at {url}: GET /query/query-8 (HTTP 404): Query 8 was "
@@ -329,6 +330,46 @@ def test_ctrl_c_while_waiting_kills_the_query(myria_server, monkeypatch):
                                                   ("DELETE", "/query/query-3")]
 
 
+def test_ctrl_c_during_the_post_is_raised_with_nothing_to_kill(myria_server, monkeypatch):
+    """Interrupted before a query id came back: there is no query to name."""
+    url, replay = myria_server
+    client = fast(url)
+
+    def interrupted(method, path, body=None, timeout=-1.0):
+        replay.log.append((method, path, body))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "call", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.run(PLAN)
+    assert [(m, p) for m, p, _ in replay.log] == [("POST", "/query")]
+
+
+PROXY_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+def test_a_post_reply_that_is_not_json_is_one_line(myria_server):
+    url, replay = myria_server
+    replay.script = {("POST", "/query"): [(200, PROXY_PAGE, {})]}
+    with pytest.raises(MyriaError, match=r"^Myria at .*: POST /query \(HTTP 200\): not "
+                                         r"JSON: b'<html><body><h1>502"):
+        fast(url).run(PLAN)
+    assert [(m, p) for m, p, _ in replay.log] == [("POST", "/query")]
+
+
+def test_a_poll_reply_that_is_not_a_status_is_one_line_and_kills(myria_server):
+    url, replay = myria_server
+    where = "/query/query-4"
+    replay.script = {("POST", "/query"): [(202, status(4, "ACCEPTED"), {"Location": where})],
+                     ("GET", where): [(200, PROXY_PAGE, {})],
+                     ("DELETE", where): [(200, status(4, "KILLING"), {})]}
+    with pytest.raises(MyriaError, match=rf"^Myria at .*: GET {where} \(HTTP 200\): not "
+                                         r"JSON: b'<html>"):
+        fast(url).run(PLAN)
+    assert [(m, p) for m, p, _ in replay.log] == [("POST", "/query"), ("GET", where),
+                                                  ("DELETE", where)]
+
+
 def test_a_relation_streams_in_and_a_cut_stream_is_engine_unavailable(myria_server):
     url, replay = myria_server
     one, two = blob.encode(np.arange(3.0)), blob.encode(np.ones((2, 2), np.float32))
@@ -371,6 +412,28 @@ def test_credentials_go_only_where_given(myria_server):
     assert fast(url).alive_workers() == [1, 2]
     assert Myria(url, user="iab", password="secret").alive_workers() == [1, 2]
     assert replay.auth == [None, "Basic " + base64.b64encode(b"iab:secret").decode()]
+    shown = repr(Myria(url, user="iab", password="secret"))
+    assert "secret" not in shown and base64.b64encode(b"iab:secret").decode() not in shown
+
+
+@pytest.mark.parametrize("failing", ["/workers/alive", "/function"])
+def test_a_server_that_fails_at_start_is_unavailable_in_one_line(myria_server, failing,
+                                                                 tmp_path):
+    """A MyriaError while starting (the workers asked for, a function registered) is
+    EngineUnavailable: pytest skips the engine once, not at every test."""
+    from engines.myria.engine import MyriaEngine
+
+    url, replay = myria_server
+    trace = "java.lang.NullPointerException\n\tat edu.washington.escience.myria.api\n"
+    replay.script = {("GET", "/workers/alive"): [(200, [1, 2], {})],
+                     ("POST", "/function"): [(500, trace, {})]}
+    replay.script[("POST" if failing == "/function" else "GET", failing)] = [(500, trace, {})]
+    engine = MyriaEngine(url=url, stage=str(tmp_path))
+    with pytest.raises(EngineUnavailable) as err:
+        engine.start()
+    assert str(err.value) == (f"Myria at {url}: {'POST' if failing == '/function' else 'GET'}"
+                              f" {failing} (HTTP 500): java.lang.NullPointerException")
+    assert engine.rest is None and not Path(engine._files()).exists()  # closed
 
 
 @pytest.mark.skipif(PYTHON2 is None, reason="no Python 2.7 on this machine")

@@ -1,11 +1,13 @@
-"""The Myria engine's astronomy steps without a Myria server (none can be installed here):
-each step's own code, its JSON plan played as Myria's operators say on one worker (TableScan,
-Apply with DOWNLOADBLOB and Python UDFs, multivalued ones giving a row per value,
-SymmetricHashJoin, the producers and consumers, Aggregate with a Python UDA over each
+"""The Myria engine's steps, both pipelines, without a Myria server (none can be installed
+here): each step's own code, its JSON plan played as Myria's operators say on one worker
+(TableScan, Apply with DOWNLOADBLOB and Python UDFs, multivalued ones giving a row per
+value and the flatmap counter, SymmetricHashJoin (the neuroscience plans' joins of the
+parts and the mask), the producers and consumers, Aggregate with a Python UDA over each
 group's rows, DbInsert), its UDFs the registered pickles running the real child, as a
 worker calls them (BLOBs unpickled in, pickled out), against the reference on
-survey-tiny. What this plays is this file's reading of Myria's operators, not Myria:
-nothing here is claimed as run against a server."""
+phantom-tiny and survey-tiny, as every engine is compared. What this plays is this file's
+reading of Myria's operators, not Myria: nothing here is claimed as run against a
+server."""
 import base64
 import pickle
 import sys
@@ -19,9 +21,9 @@ from engines.myria import blob, udf
 from engines.myria.engine import FUNCTIONS, MyriaEngine
 from fixtures.datasets import load_dataset
 from fixtures.reference import reference_run
-from pipelines import astro
+from pipelines import astro, neuro
 from pipelines.steps import RunContext
-from tests.astro_checks import assert_outputs_match
+from tests.checks import assert_match
 
 pytestmark = pytest.mark.correctness
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def survey():
     return reference_run(load_dataset("survey-tiny").inputs[0])
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return reference_run(load_dataset("phantom-tiny").inputs[0])
 
 
 class PlayedMyria:
@@ -100,7 +107,9 @@ class PlayedMyria:
                 counted = [list(r) for r in product(*values)]
                 out += [tuple(r) + ((n,) if op.get("addCounter") else ())
                         for n, r in enumerate(counted)]
-            return [e["outputName"] for e in exprs], out
+            # the counter's column is MyriaConstants.FLATMAP_COLUMN_NAME (Apply.java)
+            return ([e["outputName"] for e in exprs]
+                    + (["flatmapid"] if op.get("addCounter") else []), out)
         if kind == "SymmetricHashJoin":
             (lc, left), (rc, right) = (self._eval(ops, op["argChild1"]),
                                        self._eval(ops, op["argChild2"]))
@@ -145,23 +154,36 @@ def played_engine(tmp_path) -> MyriaEngine:
     return engine
 
 
-@pytest.mark.parametrize("step", [s.name for s in astro.STEPS])
-def test_each_step_played_as_myria_is_the_reference(step, survey, tmp_path):
-    state = survey.state_before(step)
-    ctx = RunContext(tmp_path / "run", astro.AstroParams(), astro.AstroPartitioning())
+# phantom-tiny (12 volumes, b0s 0 and 6) cut so that every group-by has several groups
+# and groups of several rows: a b0 per mean_b0 part, 5 volumes per noise_sigma and
+# denoise part, 8 voxel blocks
+PARTITIONING = {"neuro": neuro.NeuroPartitioning(volumes_per_task=5, b0_per_task=1),
+                "astro": astro.AstroPartitioning()}
+STEPS = [("neuro", s.name) for s in neuro.STEPS] + [("astro", s.name) for s in astro.STEPS]
+
+
+@pytest.mark.parametrize("pipeline, step", STEPS)
+def test_each_step_played_as_myria_is_the_reference(pipeline, step, request, tmp_path):
+    module = {"neuro": neuro, "astro": astro}[pipeline]
+    reference = request.getfixturevalue("phantom" if pipeline == "neuro" else "survey")
+    ctx = RunContext(tmp_path / "run", module.Params(), PARTITIONING[pipeline])
+    plan = module.STEP_BY_NAME[step].plan(reference.state_before(step), ctx)
+    assert len(plan.partitions) > 1 or step in ("brain_mask", "detect")  # regrouped
     engine = played_engine(tmp_path)
     try:
-        outputs = engine.run_step(astro.STEP_BY_NAME[step], state, ctx).outputs
+        outputs = engine.run_step(module.STEP_BY_NAME[step], reference.state_before(step),
+                                  ctx).outputs
     finally:
         engine.rest.functions.clear()  # the children end with their functions
-    assert_outputs_match(outputs, survey.state, list(astro.STEP_BY_NAME[step].outputs))
+    assert_match(engine, pipeline, outputs, reference.state,
+                 keys=list(module.STEP_BY_NAME[step].outputs))
     if step == "calibrate":
         assert len(outputs["saturated"]) and outputs["calexps"]  # something was compared
     if step == "detect":
         assert len(outputs["catalog"]) > 0
     for key in ("calexps", "warps", "coadds"):  # the kernels' own files, byte for byte
         for k, path in outputs.get(key, {}).items():
-            assert Path(path).read_bytes() == Path(survey.state[key][k]).read_bytes(), k
+            assert Path(path).read_bytes() == Path(reference.state[key][k]).read_bytes(), k
 
 
 def test_warp_regroups_as_the_plan_does(survey):
