@@ -66,7 +66,11 @@ ENGINES = {
     "reference": Entry("engines.reference", "ReferenceEngine", None),
     "dask": Entry("engines.dask", "DaskEngine", "dask", (
         Option("--dask-scheduler", "scheduler", "run Dask on this existing cluster instead "
-               "of a local one", metavar="ADDRESS"),)),
+               "of a local one", metavar="ADDRESS"),
+        Option("--dask-lost-after", "no_workers_timeout", "a step's cluster with no worker "
+               "this long is lost (default 60; more for a cluster that scales up slowly)",
+               metavar="SECONDS", type=float),
+    )),
     "spark": Entry("engines.spark", "SparkEngine", "spark", (
         Option("--spark-master", "master", "run Spark on this cluster (spark://host:7077) "
                "instead of local[N] (N = --workers)", metavar="URL"),
@@ -76,6 +80,8 @@ ENGINES = {
                "cluster, e.g. 4g (default 2g)", metavar="SIZE"),
         Option("--spark-partitions-per-core", "partitions_per_core", "RDD partitions per "
                "Spark core for a step (default 1, the study's best)", metavar="N", type=int),
+        Option("--spark-lost-after", "no_executors_timeout", "a job on a cluster with no "
+               "executor this long is lost (default 60)", metavar="SECONDS", type=float),
     )),
     "scidb": Entry("engines.scidb", "SciDBEngine", "scidb", (
         Option("--scidb-url", "url", "run the SciDB engine on this server's shim service "

@@ -32,7 +32,7 @@ from pipelines import nifti
 from pipelines.errors import EngineUnavailable
 
 from ..base import Engine, native
-from ..served import every_part, keep_file, step_args
+from ..served import AnswerMissing, every_part, keep_file, step_args
 from . import blob, myrial, udf, udf_child
 from .rest import Myria, MyriaError
 
@@ -303,7 +303,11 @@ class MyriaEngine(Engine):
         for row in self.rest.rows(out):
             meta, data, *arrays = blob.decode(_bytes(row["value"]))
             meta = json.loads(meta.tobytes())
-            got[index[udf_child.as_tuples(meta["key"])]] = (
+            key = udf_child.as_tuples(meta["key"])
+            if key not in index:
+                raise AnswerMissing(f"Myria at {self.url}: {step} answered {key!r}, which "
+                                    f"is none of the plan's parts")
+            got[index[key]] = (
                 meta["facts"], keep_file(ctx.workdir, meta["name"], data.tobytes()), arrays)
         return self._every_part(got, len(keys), step)
 

@@ -91,12 +91,12 @@ def test_a_cluster_lost_mid_step_is_one_line(dask_processes, killed, tmp_path):
 
 def test_a_step_with_no_worker_left_ends(dask_processes):
     """Tasks that need no scattered data would wait for a worker forever: the engine
-    gives up after `no_workers_timeout`, in one line."""
-    from engines.dask import DaskEngine
+    gives up after --dask-lost-after, in one line."""
+    from engines import create_engine
     from pipelines.errors import EngineLost
 
     address, procs = dask_processes
-    engine = DaskEngine(scheduler=address, no_workers_timeout=3).start()
+    engine = create_engine("dask", dask_scheduler=address, dask_lost_after=3.0).start()
     try:
         def kill_workers():
             time.sleep(1.0)

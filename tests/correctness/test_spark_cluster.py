@@ -142,12 +142,13 @@ def test_a_running_step_outlives_its_master(spark_cluster):
 
 def test_a_cluster_lost_mid_step_is_one_line(spark_cluster):
     """Master and workers killed mid-step: Spark would wait for an executor forever; the
-    engine gives up after `no_executors_timeout`, in one line with the master's URL."""
-    from engines.spark import SparkEngine
+    engine gives up after --spark-lost-after, in one line with the master's URL."""
+    from engines import create_engine
     from pipelines.errors import EngineLost
 
     master, _, procs = spark_cluster
-    engine = SparkEngine(master=master, executor_memory="1g", no_executors_timeout=5).start()
+    engine = create_engine("spark", spark_master=master, spark_executor_memory="1g",
+                           spark_lost_after=5.0).start()
     killer = kill_soon(procs)
     try:
         started = time.monotonic()
