@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.astro import SkyMap
+from pipelines.skymap import SkyMap
 
 pytestmark = pytest.mark.correctness
 
