@@ -127,3 +127,37 @@ def cli_denoising(engine_args, out, dataset: str = "phantom-small") -> CliRun:
                   "--out", str(out)])
     run.wait_for("noise_sigma: ")  # denoising starts now
     return run
+
+
+def kill_soon(procs, after: float = 1.0):
+    """Kills `procs` (their process groups) `after` seconds from now, from a thread;
+    join the thread it returns."""
+    import threading
+    import time
+
+    def kill():
+        time.sleep(after)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    return killer
+
+
+def serving(handler):
+    """A context manager: `handler` (an http.server request handler class) served on
+    127.0.0.1 from a thread; yields the base URL."""
+    import contextlib
+    import http.server
+    import threading
+
+    @contextlib.contextmanager
+    def served():
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()
+    return served()

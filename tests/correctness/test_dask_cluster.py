@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import cli_denoising, run_step_tests_on_tiny, stop
+from tests.processes import cli_denoising, kill_soon, run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,18 +97,13 @@ def test_a_step_with_no_worker_left_ends(dask_processes):
 
     address, procs = dask_processes
     engine = create_engine("dask", dask_scheduler=address, dask_lost_after=3.0).start()
+    killer = kill_soon(procs[1:])
     try:
-        def kill_workers():
-            time.sleep(1.0)
-            for worker in procs[1:]:
-                os.killpg(worker.pid, signal.SIGKILL)
-        import threading
-
-        threading.Thread(target=kill_workers, daemon=True).start()
         started = time.monotonic()
         with pytest.raises(EngineLost, match=rf"the Dask cluster at {address} has had no "
                                              rf"worker for 3 s during sleep"):
             engine.map(time.sleep, [30.0] * 4, {}, "sleep")
         assert time.monotonic() - started < 20
     finally:
+        killer.join()
         engine.close()

@@ -11,7 +11,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import threading
 import urllib.parse
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from engines.myria import blob, udf
 from engines.myria.rest import Myria, MyriaError, first_useful_line
 from pipelines.errors import EngineUnavailable
+from tests.processes import serving
 
 pytestmark = pytest.mark.correctness
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,12 +205,8 @@ class Replay(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def myria_server():
     Replay.script, Replay.log, Replay.auth = {}, [], []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replay)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", Replay
-    server.shutdown()
-    server.server_close()
+    with serving(Replay) as url:
+        yield url, Replay
 
 
 def status(query, state, message=None):

@@ -20,6 +20,7 @@ from engines.scidb.shim import Shim, ShimError
 from pipelines import neuro
 from pipelines.errors import EngineLost, EngineUnavailable
 from pipelines.steps import RunContext
+from tests.processes import serving
 
 pytestmark = pytest.mark.correctness
 
@@ -128,12 +129,8 @@ class Replay(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def shim_server():
     Replay.script, Replay.log = {}, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replay)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", Replay
-    server.shutdown()
-    server.server_close()
+    with serving(Replay) as url:
+        yield url, Replay
 
 
 SESSION = "0a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p"  # 32 of shim's [0-9a-z]

@@ -5,16 +5,14 @@ cluster, or the driver's JVM, going away mid-step."""
 import json
 import os
 import re
-import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.processes import cli_denoising, free_port, run_step_tests_on_tiny, stop
+from tests.processes import cli_denoising, kill_soon, free_port, run_step_tests_on_tiny, stop
 
 pytestmark = [pytest.mark.correctness, pytest.mark.slow]
 WORKERS = 2
@@ -111,17 +109,6 @@ def test_unreachable_master_is_one_line(tmp_path):
                                                 r"spark://127.0.0.1:\d+"):
         create_engine("spark", spark_master=f"spark://127.0.0.1:{free_port()}").start()
     assert time.monotonic() - start < 30
-
-
-def kill_soon(procs, after: float = 1.0) -> threading.Thread:
-    """Kills `procs` (their process groups) `after` seconds from now; join it."""
-    def kill():
-        time.sleep(after)
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
-    return killer
 
 
 def test_a_running_step_outlives_its_master(spark_cluster):
